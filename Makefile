@@ -1,0 +1,23 @@
+# Two commands do all the set-up on a fresh machine (Python >= 3.11 on PATH as python3, or PYTHON=...):
+#   make run    install into .venv and run the main job on the embedded default
+#   make test   install into .venv and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/python experiments/sampler_accuracy.py --quick
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+
+clean:
+	rm -rf $(VENV)

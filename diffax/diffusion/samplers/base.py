@@ -1,0 +1,171 @@
+"""What every sampler shares: the output type, time grids, the x0/eps denoiser and the ``lax.scan`` loop.
+
+Conventions (all samplers):
+  * Time runs backwards over a grid ``ts`` [num_steps + 1] from ``t_start`` (default ``schedule.t_max``)
+    down to the sentinel ``t = 0``, which means *clean data* (``alpha = 1, sigma = 0``) for every schedule
+    (:func:`alpha_sigma_clean`). A step whose target is ``t = 0`` jumps to the x0-prediction unless a
+    sampler says otherwise.
+  * No clipping of the x0-prediction happens unless ``clip_x0`` is given; data outside [-1, 1] survives.
+  * ``x_T`` replaces the prior draw (same start for two samplers or two libraries); ``return_trajectory``
+    adds ``x`` at every grid time, ``x_T`` first: [num_steps + 1, *shape].
+  * ``inpaint`` keeps known pixels: after every step they are replaced by a fresh draw of the forward
+    marginal of the known image at the new time (Lugmayr et al. 2022, "RePaint", eq. 8 without
+    resampling jumps), and by the known image itself at the end.
+  * The whole loop is one ``jax.lax.scan``; ``nfe`` counts model evaluations (a classifier-free guided call
+    counts once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from diffax.diffusion import parameterization
+from diffax.diffusion.schedules import DiscreteSchedule, Schedule, expand_like
+
+Array = jax.Array
+SPACINGS = ('trailing', 'leading', 'linspace', 'log_snr', 'karras')
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """``samples`` [*shape] float32; ``nfe`` model evaluations; ``trajectory`` [num_steps + 1, *shape] or None."""
+
+  samples: Array
+  nfe: Array | int
+  trajectory: Array | None = None
+
+
+@flax.struct.dataclass
+class Inpaint:
+  """Known pixels ``x_known`` [*shape] where ``mask`` (broadcastable to ``x_known``) is 1."""
+
+  x_known: Array
+  mask: Array
+
+  def project(self, schedule: Schedule, x: Array, t: Array, rng: Array) -> Array:
+    """Replaces known pixels of ``x`` (at time ``t``) by ``alpha_t x_known + sigma_t z``."""
+    alpha_t, sigma_t = alpha_sigma_clean(schedule, t)
+    noised = alpha_t * self.x_known + sigma_t * jax.random.normal(rng, x.shape, jnp.float32)
+    return jnp.where(self.mask > 0, noised, x)
+
+
+def alpha_sigma_clean(schedule: Schedule, t: Array) -> tuple[Array, Array]:
+  """``schedule.alpha_sigma(t)``, except that ``t <= 0`` means clean data: ``(1, 0)``."""
+  t = jnp.asarray(t, jnp.float32)
+  alpha_t, sigma_t = schedule.alpha_sigma(jnp.maximum(t, schedule.t_min))
+  clean = t <= 0
+  return jnp.where(clean, 1.0, alpha_t), jnp.where(clean, 0.0, sigma_t)
+
+
+def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, t_start: float | None = None,
+              t_end: float | None = None) -> Array:
+  """Descending model-evaluation times [num_steps] followed by the clean sentinel 0: [num_steps + 1].
+
+  Spacings (``t_start`` defaults to ``schedule.t_max``, ``t_end`` to ``schedule.t_min``):
+    * ``'trailing'``: ``t_start (1 - i / N)``; starts at ``t_start`` and ends at ``t_start / N``. For a
+      discrete schedule with ``t_start = 1`` these are the knots ``T - 1, T - 1 - T/N, ...`` (diffusers'
+      "trailing", Lin et al. 2024 "Common Diffusion Noise Schedules ... are Flawed", Table 2).
+    * ``'leading'``: discrete schedules only; indices ``(N - 1 - i) * (T // N)``, never visiting ``T - 1``
+      (DDIM's and Stable Diffusion's original choice).
+    * ``'linspace'``: uniform from ``t_start`` to ``t_end`` inclusive (score-SDE samplers, iDDPM
+      respacing); on a discrete schedule rounded to knots.
+    * ``'log_snr'``: uniform in log-SNR between ``t_start`` and ``t_end`` (DPM-Solver, Lu et al. 2022).
+    * ``'karras'``: EDM eq. 5 with ``rho = 7`` in ``sigma_t / alpha_t`` between the two ends.
+  """
+  if spacing not in SPACINGS:
+    raise ValueError(f'Unknown spacing {spacing!r}; choose one of {SPACINGS}.')
+  t_start = schedule.t_max if t_start is None else t_start
+  t_end = schedule.t_min if t_end is None else t_end
+  i = jnp.arange(num_steps, dtype=jnp.float32)
+  discrete = isinstance(schedule, DiscreteSchedule)
+  if spacing == 'trailing':
+    ts = t_start * (1.0 - i / num_steps)
+  elif spacing == 'leading':
+    if not discrete:
+      raise ValueError("spacing='leading' is defined for discrete schedules only; use 'linspace'.")
+    big_t = round(t_start * schedule.num_timesteps)
+    ts = ((num_steps - 1 - i) * (big_t // num_steps) + 1) / schedule.num_timesteps
+  elif spacing == 'linspace':
+    ts = jnp.linspace(t_start, t_end, num_steps, dtype=jnp.float32)
+  else:
+    lam_start = schedule.log_snr(jnp.float32(t_start))
+    lam_end = schedule.log_snr(jnp.float32(t_end))
+    if spacing == 'log_snr':
+      lam = lam_start + (lam_end - lam_start) * i / max(num_steps - 1, 1)
+    else:
+      rho = 7.0
+      s_hi, s_lo = jnp.exp(-0.5 * lam_start), jnp.exp(-0.5 * lam_end)
+      frac = i / max(num_steps - 1, 1)
+      lam = -2.0 * rho * jnp.log(s_hi**(1 / rho) + frac * (s_lo**(1 / rho) - s_hi**(1 / rho)))
+    ts = schedule.t_from_log_snr(lam).at[0].set(t_start).at[-1].set(t_end)
+  if discrete and spacing in ('trailing', 'linspace'):
+    ts = jnp.round(ts * schedule.num_timesteps) / schedule.num_timesteps
+  return jnp.append(ts, jnp.zeros((1,), jnp.float32))
+
+
+Denoiser = Callable[[Array, Array], tuple[Array, Array]]
+
+
+def make_denoiser(model_fn: parameterization.ModelFn, *, schedule: Schedule, prediction: str,
+                  sigma_data: float = 0.5, clip_x0: float | None = None) -> Denoiser:
+  """``(x_t [B, ...], t []) -> (x0_hat, eps_hat)`` in float32; ``clip_x0`` clips x0 to ``[-c, c]``.
+
+  After clipping, ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t`` is recomputed so the two stay consistent
+  (as DDPM/DDIM reference code does with ``clip_denoised``).
+  """
+  parameterization.check_prediction(prediction)
+
+  def denoiser(x_t, t):
+    x0, eps = parameterization.denoise(model_fn, x_t, t, schedule=schedule, prediction=prediction,
+                                       sigma_data=sigma_data)
+    if clip_x0 is not None:
+      alpha_t, sigma_t = schedule.alpha_sigma(jnp.asarray(t, jnp.float32))
+      x0 = jnp.clip(x0, -clip_x0, clip_x0)
+      eps = (x_t - expand_like(alpha_t, x_t) * x0) / expand_like(sigma_t, x_t)
+    return x0, eps
+
+  return denoiser
+
+
+Step = Callable[[Array, object, Array, Array, Array], tuple[Array, object]]
+"""``step(x, state, t_cur, t_next, rng) -> (x_next, state)``; ``state`` is any sampler-specific pytree."""
+
+
+def initial_x(schedule: Schedule, rng: Array, shape: tuple[int, ...], x_T: Array | None) -> Array:
+  """``x_T`` if given (cast to float32, shape checked), else a draw from the prior."""
+  if x_T is None:
+    return schedule.prior_sample(rng, tuple(shape))
+  if tuple(x_T.shape) != tuple(shape):
+    raise ValueError(f'x_T has shape {x_T.shape}, expected {tuple(shape)}.')
+  return jnp.asarray(x_T, jnp.float32)
+
+
+def run(step: Step, x: Array, state: object, ts: Array, rng: Array, *, schedule: Schedule,
+        inpaint: Inpaint | None = None, return_trajectory: bool = False) -> tuple[Array, Array | None]:
+  """Runs ``step`` over consecutive pairs of ``ts`` [N + 1] in one ``lax.scan``.
+
+  Returns the final ``x`` and, if asked, the trajectory [N + 1, *x.shape] (``x`` first).
+  """
+
+  def body(carry, inputs):
+    x, state = carry
+    t_cur, t_next, key = inputs
+    key_step, key_inpaint = jax.random.split(key)
+    x, state = step(x, state, t_cur, t_next, key_step)
+    if inpaint is not None:
+      x = inpaint.project(schedule, x, t_next, key_inpaint)
+    return (x, state), (x if return_trajectory else None)
+
+  if inpaint is not None:
+    x = inpaint.project(schedule, x, ts[0], jax.random.fold_in(rng, ts.shape[0]))
+  x0 = x
+  keys = jax.random.split(rng, ts.shape[0] - 1)
+  (x, _), trajectory = jax.lax.scan(body, (x, state), (ts[:-1], ts[1:], keys))
+  if inpaint is not None:
+    x = jnp.where(inpaint.mask > 0, inpaint.x_known, x)
+  if return_trajectory:
+    trajectory = jnp.concatenate([x0[None], trajectory], axis=0)
+  return x, trajectory
