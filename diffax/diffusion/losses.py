@@ -1,0 +1,345 @@
+"""Training losses, built by small factories as ``loss_fn(params, batch, rng) -> (loss, aux)``.
+
+Every loss here regresses the model output onto its target at a random noise level, and every weighting
+is written as a weight ``w(t)`` on the x0-space error:
+
+  L = E_{t, x_0, eps} [ w(t) iw(t) ||x0_hat(x_t, t) - x_0||^2 ],   x_t = alpha_t x_0 + sigma_t eps,      (1)
+
+with ``iw`` the importance weight of the time distribution (:mod:`time_sampling`). For fixed ``(x_t, t)``
+every prediction is affine in ``x0_hat``, so its error is a multiple of the x0-space error,
+
+  ||out - out*||^2 = c^2(t) ||x0_hat - x_0||^2,                                                         (2)
+  c^2 = snr (eps), 1 (x0), (alpha^2 + sigma^2)^2 / sigma^2 (v), alpha^2 / sigma^4 (score), 1 / c_out^2 (edm)
+
+with ``snr = alpha_t^2 / sigma_t^2`` (e.g. ``||eps - eps_hat||^2 = snr ||x_0 - x0_hat||^2``). The loss is
+evaluated as ``(w / c^2) ||out - out*||^2`` in the model's own output space, which is exact and free of the
+cancellation a conversion to x0 would bring, and any weighting works with any prediction type
+(:class:`Weighting`; all per dimension, ``sigma = sigma_t / alpha_t`` for EDM):
+
+  ``'eps'``            snr                      the eps-MSE: DDPM's L_simple (Ho et al. 2020, eq. 14),
+                                                score-SDE's lambda = sigma_t^2 (Song et al. 2021, eq. 7),
+                                                "SNR weighting" in Hang et al. 2023
+  ``'x0'``             1                        the x0-MSE
+  ``'v'``              (alpha^2 + sigma^2)^2 / sigma^2   the v-MSE ("v-loss"; snr + 1 for VP schedules)
+  ``'output'``         c^2                      the MSE of the model's own output
+  ``'truncated_snr'``  max(snr, 1)              Salimans & Ho 2022, "Progressive Distillation", sec. 4
+  ``'min_snr'``        min(snr, gamma)          Hang et al. 2023, "Min-SNR Weighting": min(snr, gamma) / snr
+                                                on the eps-MSE, min(snr, gamma) / (snr + 1) on the v-MSE
+  ``'p2'``             snr / (k + snr)^gamma    Choi et al. 2022, "P2 Weighting": lambda_t / (k + snr)^gamma
+                                                on L_simple
+  ``'likelihood'``     snr g(t)^2 / sigma_t^2   lambda(t) = g(t)^2 on the score-MSE (Song et al. 2021b,
+                                                "Maximum Likelihood Training", thm. 1)
+  ``'edm'``            (sigma^2 + s_d^2) / (sigma s_d)^2   EDM (Karras et al. 2022) eq. 8 and Table 1;
+                                                ``lambda c_out^2 = 1``: unit weight on the raw network F
+
+Conditioning: ``batch['cond']`` (class labels [B] int, a context [B, L, D], or a pytree of such) goes to
+``apply_fn`` after :func:`drop_condition` (classifier-free guidance training). The loss rng is split into
+four explicit streams: time, noise, label dropout and the model's ``'dropout'`` rng.
+
+``aux`` holds per-example terms for ablations (a per-timestep-bucket breakdown is a histogram over
+``aux['t']``): ``'loss'`` [B], ``'t'`` [B], ``'log_snr'`` [B], ``'weight'`` [B] (``w iw``, the x0-space weight
+actually applied), ``'mse_x0'`` [B] (unweighted x0-space error) and ``'uncond'`` [B] (label dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from diffax.diffusion import parameterization, time_sampling, vlb
+from diffax.diffusion.schedules import EDM, Schedule, expand_like
+
+Array = jax.Array
+ApplyFn = Callable[..., Array]
+"""``apply_fn(params, x [B, ...], t [B], cond, *, train: bool, rngs: dict) -> output [B, ...]`` (Flax apply)."""
+LossFn = Callable[[Any, dict[str, Any], Array], tuple[Array, dict[str, Array]]]
+"""``loss_fn(params, batch, rng) -> (scalar loss, aux)``; ``batch = {'x': [B, ...], 'cond': optional}``."""
+WEIGHTINGS = ('eps', 'x0', 'v', 'output', 'truncated_snr', 'min_snr', 'p2', 'likelihood', 'edm')
+REDUCTIONS = ('mean', 'sum')
+
+
+@dataclasses.dataclass(frozen=True)
+class Weighting:
+  """A weight ``w(t)`` on the x0-space MSE (module docstring, eq. 1-2).
+
+  Attributes:
+    kind: one of :data:`WEIGHTINGS`.
+    gamma: ``'min_snr'``'s truncation (default 5, Hang et al.) or ``'p2'``'s exponent (default 1, Choi et al.).
+    k: ``'p2'``'s offset.
+  """
+
+  kind: str = 'eps'
+  gamma: float | None = None
+  k: float = 1.0
+
+  def __post_init__(self):
+    if self.kind not in WEIGHTINGS:
+      raise ValueError(f'Unknown weighting {self.kind!r}; choose one of {WEIGHTINGS}.')
+
+  def __call__(self, t: Array, *, schedule: Schedule, prediction: str, sigma_data: float = 0.5) -> Array:
+    """``w(t)`` [B] for times ``t`` [B]."""
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    snr = jnp.square(alpha_t / sigma_t)
+    if self.kind == 'eps':
+      return snr
+    if self.kind == 'x0':
+      return jnp.ones_like(snr)
+    if self.kind == 'v':
+      return jnp.square(jnp.square(alpha_t) + jnp.square(sigma_t)) / jnp.square(sigma_t)
+    if self.kind == 'output':
+      return output_scale_sq(prediction, alpha_t, sigma_t, sigma_data=sigma_data)
+    if self.kind == 'truncated_snr':
+      return jnp.maximum(snr, 1.0)
+    if self.kind == 'min_snr':
+      return jnp.minimum(snr, 5.0 if self.gamma is None else self.gamma)
+    if self.kind == 'p2':
+      return snr / (self.k + snr)**(1.0 if self.gamma is None else self.gamma)
+    if self.kind == 'likelihood':
+      _, g2 = schedule.sde(t)
+      return snr * g2 / jnp.square(sigma_t)
+    sigma = sigma_t / alpha_t
+    return (jnp.square(sigma) + sigma_data**2) / jnp.square(sigma * sigma_data)
+
+
+def output_scale_sq(prediction: str, alpha_t: Array, sigma_t: Array, *, sigma_data: float = 0.5) -> Array:
+  """``c^2`` [B] of eq. (2): ``||out - out*||^2 = c^2 ||x0_hat - x_0||^2`` at fixed ``(x_t, t)``."""
+  parameterization.check_prediction(prediction)
+  if prediction == 'eps':
+    return jnp.square(alpha_t / sigma_t)
+  if prediction == 'x0':
+    return jnp.ones_like(alpha_t)
+  if prediction == 'v':
+    return jnp.square(jnp.square(alpha_t) + jnp.square(sigma_t)) / jnp.square(sigma_t)
+  if prediction == 'score':
+    return jnp.square(alpha_t) / jnp.square(jnp.square(sigma_t))
+  _, c_out, _, _ = parameterization.edm_preconditioning(sigma_t / alpha_t, sigma_data)
+  return 1.0 / jnp.square(c_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class CondDropout:
+  """Condition dropout for classifier-free guidance (Ho & Salimans 2022, Algorithm 1).
+
+  With probability ``p_uncond`` per example the whole condition becomes the null condition: integer leaves
+  (class labels [B]) become ``null_label`` -- by convention ``num_classes``, an extra embedding row the
+  network keeps for "no label" -- and floating leaves (a context [B, L, D]) become ``null_value``. A sampler
+  then guides with ``parameterization.classifier_free_guidance(..., null_cond=<the same null values>)``.
+  """
+
+  p_uncond: float = 0.1
+  null_label: int | None = None
+  null_value: float = 0.0
+
+
+def drop_condition(cond: Any, rng: Array, dropout: CondDropout | None, *,
+                   batch_size: int) -> tuple[Any, Array]:
+  """Replaces ``cond`` (a pytree of [B, ...] leaves, or None) by the null condition for a random subset.
+
+  Returns the new condition and the mask ``dropped`` [B] bool (the same examples in every leaf; all False
+  without a condition or a ``dropout``).
+  """
+  leaves = jax.tree.leaves(cond)
+  if dropout is None or not leaves:
+    return cond, jnp.zeros((batch_size,), bool)
+  is_label = lambda leaf: jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.integer)
+  if dropout.null_label is None and any(is_label(leaf) for leaf in leaves):
+    raise ValueError('Integer (class label) conditions need CondDropout(null_label=num_classes).')
+  dropped = jax.random.bernoulli(rng, dropout.p_uncond, (batch_size,))
+
+  def drop(leaf):
+    leaf = jnp.asarray(leaf)
+    null = dropout.null_label if is_label(leaf) else dropout.null_value
+    return jnp.where(expand_like(dropped, leaf), jnp.asarray(null, leaf.dtype), leaf)
+
+  return jax.tree.map(drop, cond), dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forward:
+  """One noised model evaluation: everything a loss needs, float32, per example [B] or [B, ...]."""
+
+  x0: Array
+  noise: Array
+  x_t: Array
+  t: Array
+  alpha_t: Array
+  sigma_t: Array
+  output: Array
+  dropped: Array
+
+
+def _forward(apply_fn: ApplyFn, params: Any, batch: dict[str, Any], t: Array, rng_noise: Array,
+             rng_cond: Array, rng_model: Array, *, schedule: Schedule, prediction: str, sigma_data: float,
+             cond_dropout: CondDropout | None, train: bool) -> _Forward:
+  x0 = jnp.asarray(batch['x'], jnp.float32)
+  noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
+  alpha_t, sigma_t = schedule.alpha_sigma(t)
+  x_t = schedule.marginal(x0, t, noise)
+  cond, dropped = drop_condition(batch.get('cond'), rng_cond, cond_dropout, batch_size=x0.shape[0])
+  x_in, t_in = parameterization.model_inputs(prediction, x_t, t, alpha_t, sigma_t, sigma_data=sigma_data)
+  output = apply_fn(params, x_in, t_in, cond, train=train, rngs={'dropout': rng_model}).astype(jnp.float32)
+  return _Forward(x0, noise, x_t, t, alpha_t, sigma_t, output, dropped)
+
+
+def _reduce(x: Array, reduce: str) -> Array:
+  """Mean or sum over all but the batch axis: [B, ...] -> [B]."""
+  x = x.reshape(x.shape[0], -1)
+  return jnp.mean(x, axis=-1) if reduce == 'mean' else jnp.sum(x, axis=-1)
+
+
+def _check(prediction: str, reduce: str) -> None:
+  parameterization.check_prediction(prediction)
+  if reduce not in REDUCTIONS:
+    raise ValueError(f'Unknown reduce {reduce!r}; choose one of {REDUCTIONS}.')
+
+
+def _regression_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str, weighting: str | Weighting,
+                     times: Callable[[Array, int], tuple[Array, Array]], reduce: str, sigma_data: float,
+                     cond_dropout: CondDropout | None, train: bool) -> LossFn:
+  """Eq. (1) with ``times(rng, B) -> (t [B], importance weight [B])``."""
+  _check(prediction, reduce)
+  weighting = Weighting(weighting) if isinstance(weighting, str) else weighting
+
+  def loss_fn(params, batch, rng):
+    rng_time, rng_noise, rng_cond, rng_model = jax.random.split(rng, 4)
+    t, iw = times(rng_time, batch['x'].shape[0])
+    f = _forward(apply_fn, params, batch, t, rng_noise, rng_cond, rng_model, schedule=schedule,
+                 prediction=prediction, sigma_data=sigma_data, cond_dropout=cond_dropout, train=train)
+    target = parameterization.output_from_x0_eps(prediction, f.x0, f.noise, f.x_t, f.alpha_t, f.sigma_t,
+                                                 sigma_data=sigma_data)
+    mse_x0 = _reduce(jnp.square(f.output - target), reduce) / output_scale_sq(
+        prediction, f.alpha_t, f.sigma_t, sigma_data=sigma_data)  # [B]
+    weight = weighting(t, schedule=schedule, prediction=prediction, sigma_data=sigma_data) * iw  # [B]
+    per_example = weight * mse_x0  # [B]
+    aux = {'loss': per_example, 't': t, 'log_snr': schedule.log_snr(t), 'weight': weight, 'mse_x0': mse_x0,
+           'uncond': f.dropped}
+    return jnp.mean(per_example), aux
+
+  return loss_fn
+
+
+def ddpm_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str = 'eps',
+              weighting: str | Weighting = 'eps', num_timesteps: int | None = None, antithetic: bool = False,
+              reduce: str = 'mean', sigma_data: float = 0.5, cond_dropout: CondDropout | None = None,
+              train: bool = True) -> LossFn:
+  """Discrete-time loss: ``n ~ U{0..N-1}`` on :func:`time_sampling.discrete_grid`, weighting by name.
+
+  The defaults are DDPM's L_simple (Ho et al. 2020, eq. 14 and Algorithm 1). On continuous schedules this
+  gives score-SDE's discrete variants: ``VPSDE`` with ``N = 1000`` is the DDPM loss of the reference code,
+  and ``VESDE`` with ``prediction='score'`` the SMLD loss (Song & Ermon 2019; lambda = sigma^2 is ``'eps'``).
+  """
+
+  def times(rng, batch_size):
+    return time_sampling.sample_times(rng, batch_size, schedule=schedule, method='discrete',
+                                      antithetic=antithetic, num_timesteps=num_timesteps)
+
+  return _regression_loss(apply_fn, schedule=schedule, prediction=prediction, weighting=weighting,
+                          times=times, reduce=reduce, sigma_data=sigma_data, cond_dropout=cond_dropout,
+                          train=train)
+
+
+def dsm_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str = 'score',
+             weighting: str | Weighting = 'eps', importance_sampling: bool = False, t_eps: float | None = None,
+             antithetic: bool = False, reduce: str = 'mean', sigma_data: float = 0.5,
+             cond_dropout: CondDropout | None = None, train: bool = True) -> LossFn:
+  """Continuous-time denoising score matching (Song et al. 2021, eq. 7), ``t ~ U(t_eps, t_max)``.
+
+  ``weighting='eps'`` is ``lambda(t) = sigma_t^2``; ``'likelihood'`` is ``lambda(t) = g(t)^2`` (Song et al.
+  2021b). ``importance_sampling`` draws ``t`` uniformly in log-SNR with importance weights, so the
+  expectation is unchanged and the likelihood weighting becomes constant (:mod:`time_sampling`).
+  ``t_eps`` defaults to ``schedule.t_min`` (score-SDE's reference code trains from ``t_eps = 1e-5``).
+  """
+
+  def times(rng, batch_size):
+    return time_sampling.sample_times(rng, batch_size, schedule=schedule,
+                                      method='log_snr' if importance_sampling else 'uniform',
+                                      antithetic=antithetic, t_eps=t_eps)
+
+  return _regression_loss(apply_fn, schedule=schedule, prediction=prediction, weighting=weighting,
+                          times=times, reduce=reduce, sigma_data=sigma_data, cond_dropout=cond_dropout,
+                          train=train)
+
+
+def edm_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str = 'edm',
+             weighting: str | Weighting = 'edm', p_mean: float = -1.2, p_std: float = 1.2,
+             sigma_data: float | None = None, antithetic: bool = False, reduce: str = 'mean',
+             cond_dropout: CondDropout | None = None, train: bool = True) -> LossFn:
+  """EDM's loss (Karras et al. 2022, eq. 8, Table 1): ``ln sigma ~ N(p_mean, p_std^2)``,
+  ``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``, preconditioned ``prediction='edm'``.
+
+  On the ``EDM`` schedule its own ``p_mean``, ``p_std`` and ``sigma_data`` are used (the arguments here
+  apply to other schedules, where ``sigma = sigma_t / alpha_t`` is mapped to a time through the log-SNR).
+  """
+  if isinstance(schedule, EDM):
+    sigma_data = schedule.sigma_data if sigma_data is None else sigma_data
+  sigma_data = 0.5 if sigma_data is None else sigma_data
+
+  def times(rng, batch_size):
+    return time_sampling.sample_times(rng, batch_size, schedule=schedule, method='lognormal',
+                                      antithetic=antithetic, p_mean=p_mean, p_std=p_std)
+
+  return _regression_loss(apply_fn, schedule=schedule, prediction=prediction, weighting=weighting,
+                          times=times, reduce=reduce, sigma_data=sigma_data, cond_dropout=cond_dropout,
+                          train=train)
+
+
+def hybrid_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str = 'eps',
+                variance: str = 'learned_range', vlb_weight: float = 1e-3, num_timesteps: int | None = None,
+                antithetic: bool = False, sigma_data: float = 0.5, cond_dropout: CondDropout | None = None,
+                train: bool = True) -> LossFn:
+  """iDDPM's ``L_hybrid = L_simple + lambda L_vlb`` (Nichol & Dhariwal 2021, sec. 3.1, lambda = 0.001).
+
+  One discrete level ``n`` per example; ``L_simple`` is the eps-MSE (mean over dims) and ``L_vlb`` is
+  estimated as ``N L_n`` in bits/dim (:func:`vlb.vlb_term`) with a stop-gradient on the predicted mean, so
+  ``L_vlb`` trains only the variance channels (``variance='learned_range'``: output [..., 2C]). This is
+  iDDPM's reference ``RESCALED_MSE`` loss. ``aux`` adds ``'mse'`` [B] and ``'vlb'`` [B] (bits/dim).
+  """
+  _check(prediction, 'mean')
+  if variance not in vlb.VARIANCES:
+    raise ValueError(f'Unknown variance {variance!r}; choose one of {vlb.VARIANCES}.')
+  num_timesteps = time_sampling.resolve_num_timesteps(schedule, num_timesteps)
+  grid = time_sampling.discrete_grid(schedule, num_timesteps)
+
+  def loss_fn(params, batch, rng):
+    rng_time, rng_noise, rng_cond, rng_model = jax.random.split(rng, 4)
+    n = time_sampling.sample_timesteps(rng_time, batch['x'].shape[0], num_timesteps, antithetic=antithetic)
+    f = _forward(apply_fn, params, batch, grid[n], rng_noise, rng_cond, rng_model, schedule=schedule,
+                 prediction=prediction, sigma_data=sigma_data, cond_dropout=cond_dropout, train=train)
+    mean_out, var_out = (jnp.split(f.output, 2, axis=-1) if variance == 'learned_range'
+                         else (f.output, None))
+    target = parameterization.output_from_x0_eps(prediction, f.x0, f.noise, f.x_t, f.alpha_t, f.sigma_t,
+                                                 sigma_data=sigma_data)
+    scale = (Weighting('eps')(f.t, schedule=schedule, prediction=prediction, sigma_data=sigma_data)
+             / output_scale_sq(prediction, f.alpha_t, f.sigma_t, sigma_data=sigma_data))
+    mse = scale * _reduce(jnp.square(mean_out - target), 'mean')  # [B] eps-space MSE
+    frozen = jax.lax.stop_gradient(mean_out)
+    output = frozen if var_out is None else jnp.concatenate([frozen, var_out], axis=-1)
+    term = vlb.vlb_term(output, f.x0, f.x_t, n, schedule=schedule, prediction=prediction, variance=variance,
+                        num_timesteps=num_timesteps, sigma_data=sigma_data)  # [B] nats
+    vlb_bpd = num_timesteps * term / (math.prod(f.x0.shape[1:]) * math.log(2.0))  # [B]
+    per_example = mse + vlb_weight * vlb_bpd  # [B]
+    aux = {'loss': per_example, 't': f.t, 'log_snr': schedule.log_snr(f.t), 'mse': mse, 'vlb': vlb_bpd,
+           'uncond': f.dropped}
+    return jnp.mean(per_example), aux
+
+  return loss_fn
+
+
+LOSSES: dict[str, Callable[..., LossFn]] = {
+    'ddpm': ddpm_loss,
+    'dsm': dsm_loss,
+    'edm': edm_loss,
+    'hybrid': hybrid_loss,
+}
+
+
+def get_loss(name: str, apply_fn: ApplyFn, **kwargs) -> LossFn:
+  """Registry lookup, e.g. ``get_loss('ddpm', apply_fn, schedule=s, weighting='min_snr')``."""
+  if name not in LOSSES:
+    raise ValueError(f'Unknown loss {name!r}; choose one of {sorted(LOSSES)}.')
+  return LOSSES[name](apply_fn, **kwargs)
