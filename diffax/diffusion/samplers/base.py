@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from diffax.diffusion import parameterization
-from diffax.diffusion.schedules import DiscreteSchedule, Schedule, expand_like
+from diffax.diffusion.schedules import EDM, DiscreteSchedule, Schedule, expand_like
 
 Array = jax.Array
 SPACINGS = ('trailing', 'leading', 'linspace', 'log_snr', 'karras')
@@ -61,7 +61,7 @@ def alpha_sigma_clean(schedule: Schedule, t: Array) -> tuple[Array, Array]:
 
 
 def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, t_start: float | None = None,
-              t_end: float | None = None) -> Array:
+              t_end: float | None = None, rho: float | None = None) -> Array:
   """Descending model-evaluation times [num_steps] followed by the clean sentinel 0: [num_steps + 1].
 
   Spacings (``t_start`` defaults to ``schedule.t_max``, ``t_end`` to ``schedule.t_min``):
@@ -73,7 +73,8 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, 
     * ``'linspace'``: uniform from ``t_start`` to ``t_end`` inclusive (score-SDE samplers, iDDPM
       respacing); on a discrete schedule rounded to knots.
     * ``'log_snr'``: uniform in log-SNR between ``t_start`` and ``t_end`` (DPM-Solver, Lu et al. 2022).
-    * ``'karras'``: EDM eq. 5 with ``rho = 7`` in ``sigma_t / alpha_t`` between the two ends.
+    * ``'karras'``: EDM eq. 5 in ``sigma_t / alpha_t`` between the two ends, with ``rho`` defaulting to the
+      EDM schedule's own ``rho`` (7 for every other schedule).
   """
   if spacing not in SPACINGS:
     raise ValueError(f'Unknown spacing {spacing!r}; choose one of {SPACINGS}.')
@@ -81,6 +82,11 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, 
   t_end = schedule.t_min if t_end is None else t_end
   i = jnp.arange(num_steps, dtype=jnp.float32)
   discrete = isinstance(schedule, DiscreteSchedule)
+  if discrete and spacing in ('trailing', 'leading', 'linspace'):
+    knots = round(t_start * schedule.num_timesteps)
+    if num_steps > knots:
+      raise ValueError(f'{num_steps} steps from t_start={t_start} would repeat timesteps of a discrete schedule: '
+                       f'at most {knots} knots lie at or below it; use num_steps <= {knots}.')
   if spacing == 'trailing':
     ts = t_start * (1.0 - i / num_steps)
   elif spacing == 'leading':
@@ -96,7 +102,8 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, 
     if spacing == 'log_snr':
       lam = lam_start + (lam_end - lam_start) * i / max(num_steps - 1, 1)
     else:
-      rho = 7.0
+      if rho is None:
+        rho = schedule.rho if isinstance(schedule, EDM) else 7.0
       s_hi, s_lo = jnp.exp(-0.5 * lam_start), jnp.exp(-0.5 * lam_end)
       frac = i / max(num_steps - 1, 1)
       lam = -2.0 * rho * jnp.log(s_hi**(1 / rho) + frac * (s_lo**(1 / rho) - s_hi**(1 / rho)))

@@ -9,7 +9,10 @@ One step from ``t`` to ``s < t`` (DDIM eq. 12, written for any ``(alpha, sigma)`
 ``eta = 1`` with consecutive steps is ancestral DDPM with the posterior variance.
 
 Conventions: ``num_steps`` model evaluations at ``time_grid(schedule, num_steps, spacing)``; the final step
-targets ``t = 0`` and so returns the x0-prediction of the last evaluation.
+targets ``t = 0`` and so returns the x0-prediction of the last evaluation. The default ``'trailing'`` grid
+starts at ``t_max`` (pure noise, as Lin et al. 2024 recommend) but its last evaluation is at ``t_max / N``
+(knot 19 of 1000 for N = 50), so few-step runs jump to x0 from a visible noise level and come out slightly
+too sharp; ``'log_snr'`` (or ``'karras'``) spacing ends at ``t_min`` and converges to the data as N grows.
 """
 
 from __future__ import annotations
