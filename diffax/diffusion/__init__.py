@@ -1,0 +1,1 @@
+"""The diffusion maths of diffax: schedules, parameterisations, losses, samplers and likelihoods."""

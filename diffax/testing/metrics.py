@@ -73,6 +73,7 @@ def noise_floor(mixture: GaussianMixture, n: int, rng: Array) -> tuple[dict[str,
   compare entry by entry with ``floor``.
   """
   rng_ref, rng_exact, rng_sw = jax.random.split(rng, 3)
-  reference, _ = mixture.sample(rng_ref, n)
-  exact, _ = mixture.sample(rng_exact, n)
+  sample = jax.jit(type(mixture).sample, static_argnums=2)
+  reference, _ = sample(mixture, rng_ref, n)
+  exact, _ = sample(mixture, rng_exact, n)
   return mixture_report(exact, mixture, reference, rng_sw), reference
