@@ -78,6 +78,9 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, 
   """
   if spacing not in SPACINGS:
     raise ValueError(f'Unknown spacing {spacing!r}; choose one of {SPACINGS}.')
+  if t_end is not None and t_end < schedule.t_min:
+    raise ValueError(f't_end={t_end} lies below the schedule\'s t_min={schedule.t_min}; the model is only '
+                     'defined from t_min on (the final step to t = 0 is the jump to the x0-prediction).')
   t_start = schedule.t_max if t_start is None else t_start
   t_end = schedule.t_min if t_end is None else t_end
   i = jnp.arange(num_steps, dtype=jnp.float32)
