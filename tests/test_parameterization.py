@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffax.diffusion import parameterization, schedules
-from diffax.testing import mixtures
+from diffax.testing import checks, mixtures
 
 SCHEDULES = [schedules.LinearSchedule(), schedules.VPSDE(), schedules.VESDE(), schedules.EDM()]
 IDS = ['linear', 'vp', 've', 'edm']
@@ -87,7 +87,7 @@ def test_bf16_model_keeps_fp32_schedule_maths():
   the bf16-rounded eps, so the only error is the network's own rounding, not bf16 schedule maths."""
   schedule = schedules.VPSDE()
   exact = mixtures.ring_mixture().model_fn(schedule, 'eps')
-  bf16 = lambda x, t: exact(x, t).astype(jnp.bfloat16)
+  bf16 = checks.bf16_model(exact)
   _, _, x_t, t, alpha, sigma = _state(schedule)
   x_t = x_t[:, :2]
   x0_16, eps_16 = jax.jit(lambda x, t: parameterization.denoise(bf16, x, t, schedule=schedule))(x_t, t)

@@ -17,7 +17,7 @@ import pytest
 
 from diffax.diffusion import schedules
 from diffax.diffusion.samplers import ancestral, base
-from diffax.testing import metrics, mixtures
+from diffax.testing import checks, metrics, mixtures
 
 LINEAR = schedules.LinearSchedule()
 SMALL_T = schedules.LinearSchedule(num_timesteps=100, beta_start=1e-3, beta_end=0.2)
@@ -66,8 +66,7 @@ def sampler(variance, num_steps=None, mixture_name='ring', trajectory=False, bf1
   mixture = MIXTURES[mixture_name]
   model_fn = mixture.model_fn(LINEAR)
   if bf16:
-    exact_fn = model_fn
-    model_fn = lambda x, t: exact_fn(x.astype(jnp.bfloat16).astype(jnp.float32), t).astype(jnp.bfloat16)
+    model_fn = checks.bf16_model(model_fn)
   return jax.jit(lambda rng: ancestral.ancestral_sample(
       model_fn, rng, (N_SAMPLES[mixture_name], mixture.dim), schedule=LINEAR, variance=variance,
       num_steps=num_steps, return_trajectory=trajectory))
@@ -99,21 +98,6 @@ def predicted_sharpness(mixture, steps, variance):
   return float(np.asarray(mixture.weights, np.float64) @ np.mean(var / eigvals, axis=-1))
 
 
-def assert_at_floor(report, floor, mixture, n):
-  """Sampling-noise tolerances for n samples (``floor`` is one realisation of exact sampling).
-
-  Mode weights: 4 binomial sigmas of the largest weight; mean: 4 sigmas of the RMS mean error; covariance
-  and sliced Wasserstein: 1.5x the exact-sample value plus a small absolute slack (both are dominated by
-  sampling noise at these n, and one realisation of the floor varies by ~20%).
-  """
-  w = np.asarray(mixture.weights, np.float64)
-  _, cov = mixture.mean_and_cov()
-  assert report['mode_weight_err'] <= 4 * np.sqrt(np.max(w * (1 - w)) / n), report
-  assert report['mean_err'] <= 4 * np.sqrt(float(jnp.trace(cov)) / mixture.dim / n), report
-  assert report['cov_err'] <= 1.5 * floor['cov_err'] + 0.01, (report, floor)
-  assert report['sw'] <= 1.5 * floor['sw'] + 0.005, (report, floor)
-
-
 @pytest.mark.parametrize('mixture_name,variance,num_steps', [
     ('ring', 'posterior', None),
     ('ring', 'large', 250),
@@ -131,9 +115,10 @@ def test_mixture_reaches_the_floor_with_the_predicted_sharpness(mixture_name, va
   out = sampler(variance, num_steps, mixture_name)(jax.random.PRNGKey(0))
   assert out.nfe == (num_steps or 1000)
   report = metrics.mixture_report(out.samples, mixture, reference, jax.random.PRNGKey(2))
-  assert_at_floor(report, floor, mixture, n)
+  checks.assert_at_floor(report, floor, mixture, n)
   expected = predicted_sharpness(mixture, visited(1000, num_steps or 1000, 'trailing'), variance)
-  assert report['sharpness'] == pytest.approx(expected, abs=4 * expected * np.sqrt(2 / mixture.dim / n) + 0.005)
+  tol = 4 * expected * checks.sharpness_stderr(mixture.dim, n) + 0.005
+  assert report['sharpness'] == pytest.approx(expected, abs=tol)
 
 
 def test_error_shrinks_as_steps_grow():

@@ -4,7 +4,6 @@ Every run is jitted once per configuration and cached, so the file compiles each
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import pytest
 
 from diffax.diffusion import schedules
 from diffax.diffusion.samplers import ddim, dpm_solver
-from diffax.testing import metrics, mixtures
+from diffax.testing import checks, metrics, mixtures
 
 N = 2000  # samples per accuracy run
 B = 256  # samples per trajectory-level check
@@ -23,16 +22,6 @@ SCHEDULES = {'edm': schedules.EDM(), 'vp': schedules.VPSDE(), 'linear': schedule
 SAMPLERS = {'dpm': dpm_solver.dpm_solver_sample, 'ddim': ddim.ddim_sample}
 VARIANTS = {'2M': {}, '3M': {'order': 3}, '2S': {'method': 'singlestep'}}
 SMALL = {'num_steps': 8, 'return_trajectory': True}  # the small ring / VP run that unit checks share
-
-
-def bf16(model_fn):
-  """The model with inputs and outputs rounded to bfloat16, as a bf16 network would see and give them."""
-
-  def rounded(x, t):
-    x, t = (a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, t))
-    return model_fn(x, t).astype(jnp.bfloat16)
-
-  return rounded
 
 
 @functools.cache
@@ -45,16 +34,6 @@ def x_T(sched: str, mix: str, n: int) -> jax.Array:
   return SCHEDULES[sched].prior_sample(jax.random.PRNGKey(3), (n, MIXTURES[mix].dim))
 
 
-def counted(model_fn, calls: list):
-  """``model_fn`` that appends to ``calls`` each time it really runs (not when it is traced)."""
-
-  def model(x, t):
-    jax.debug.callback(lambda: calls.append(1))
-    return model_fn(x, t)
-
-  return model
-
-
 @functools.cache
 def sample(sampler: str, mix: str, sched: str, n: int, prediction: str = 'eps', precision: str = 'fp32',
            **kwargs):
@@ -62,39 +41,14 @@ def sample(sampler: str, mix: str, sched: str, n: int, prediction: str = 'eps', 
   checks that the reported ``nfe`` is the number of model calls that really ran."""
   mixture, schedule = MIXTURES[mix], SCHEDULES[sched]
   model_fn = mixture.model_fn(schedule, prediction)
-  calls = []
-  model_fn = counted(bf16(model_fn) if precision == 'bf16' else model_fn, calls)
-  fn = jax.jit(functools.partial(SAMPLERS[sampler], model_fn, shape=(n, mixture.dim), schedule=schedule,
-                                 prediction=prediction, **kwargs))
-  out = fn(jax.random.PRNGKey(0), x_T=x_T(sched, mix, n))
-  jax.effects_barrier()
-  assert len(calls) == int(out.nfe), (len(calls), out.nfe)
-  return out
+  run = checks.nfe_checked(SAMPLERS[sampler], checks.bf16_model(model_fn) if precision == 'bf16' else model_fn,
+                           shape=(n, mixture.dim), schedule=schedule, prediction=prediction, **kwargs)
+  return run(jax.random.PRNGKey(0), x_T=x_T(sched, mix, n))
 
 
 def report(sampler: str, mix: str, sched: str, **kwargs) -> dict[str, float]:
   x = sample(sampler, mix, sched, N, **kwargs).samples
   return metrics.mixture_report(x, MIXTURES[mix], floor(mix)[1], jax.random.PRNGKey(2))
-
-
-def assert_at_floor(rep: dict[str, float], mix: str, *, discretisation: float) -> None:
-  """Tolerances from the sampling noise of N exact samples (measured over 6 seeds of the floor)."""
-  mixture, flo = MIXTURES[mix], floor(mix)[0]
-  _, cov = mixture.mean_and_cov()
-  d = mixture.dim
-  # Binomial noise of a mode frequency is at most sqrt(1/4 / N): allow 3 of those (0.034; the fixed x_T
-  # gives 0.027 on aniso for every converged sampler).
-  assert rep['mode_weight_err'] <= 3 * math.sqrt(0.25 / N), rep
-  # RMS per-coordinate error of a sample mean: sqrt(tr(Sigma) / D / N); allow 3 of those.
-  assert rep['mean_err'] <= 3 * math.sqrt(float(jnp.trace(cov)) / d / N), rep
-  # cov_err is itself a sample statistic (std 0.006 on the ring, 0.003 on aniso over floor seeds): the fixed
-  # x_T gives 0.039 on the ring for every converged sampler against the floor draw's 0.017; 0.03 covers that.
-  assert rep['cov_err'] <= flo['cov_err'] + 0.03, (rep, flo)
-  # The brief's rule; +0.01 is the seed-to-seed std of the ring floor's sw.
-  assert rep['sw'] <= 1.5 * flo['sw'] + 0.01, (rep, flo)
-  # Mean squared Mahalanobis / D of exact samples has std sqrt(2 / (D N)); allow 3 of those plus the
-  # sampler's own (measured) discretisation bias.
-  assert abs(rep['sharpness'] - 1) <= 3 * math.sqrt(2 / (d * N)) + discretisation, (rep, flo)
 
 
 @pytest.mark.slow
@@ -103,10 +57,12 @@ def assert_at_floor(rep: dict[str, float], mix: str, *, discretisation: float) -
 def test_reaches_noise_floor(variant, mix, sched, num_steps):
   # 50 evaluations (2S: 25 steps, 49 evaluations); every variant, schedule kind and mixture once.
   # Measured |sharpness - 1|: 2M ring ve 0.013, 2S ring vp 0.027, 2M aniso linear 0.015, 3M aniso edm 0.015
-  # (2M ring edm 0.029); 0.03 is the allowance of a converged run.
+  # (2M ring edm 0.029); 0.03 is the allowance of a converged run, on top of 3 standard errors of the
+  # sharpness of N exact samples.
   out = sample('dpm', mix, sched, N, num_steps=num_steps, **VARIANTS[variant])
   assert int(out.nfe) == (49 if variant == '2S' else 50)
-  assert_at_floor(report('dpm', mix, sched, num_steps=num_steps, **VARIANTS[variant]), mix, discretisation=0.03)
+  checks.assert_at_floor(report('dpm', mix, sched, num_steps=num_steps, **VARIANTS[variant]), floor(mix)[0],
+                         MIXTURES[mix], N, sharpness_tol=3 * checks.sharpness_stderr(MIXTURES[mix].dim, N) + 0.03)
   # No clipping of x0: the samples reach as far out as the exact ones (|x| ~ 1.3 on the ring).
   exact_max = float(jnp.max(jnp.abs(floor(mix)[1])))
   assert float(jnp.max(jnp.abs(out.samples))) > min(exact_max - 0.1, 1.2)

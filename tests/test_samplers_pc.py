@@ -14,7 +14,7 @@ import pytest
 
 from diffax.diffusion import schedules
 from diffax.diffusion.samplers import pc
-from diffax.testing import metrics, mixtures
+from diffax.testing import checks, metrics, mixtures
 
 VP, SUBVP, VE = schedules.VPSDE(), schedules.SubVPSDE(), schedules.VESDE()
 RING, ANISO = mixtures.ring_mixture(), mixtures.anisotropic_mixture()
@@ -109,8 +109,7 @@ def _compiled(schedule, num_steps, mixture_name, predictor, corrector, bf16):
   mixture = MIXTURES[mixture_name]
   model_fn = mixture.model_fn(schedule)
   if bf16:
-    exact_fn = model_fn
-    model_fn = lambda x, t: exact_fn(x.astype(jnp.bfloat16).astype(jnp.float32), t).astype(jnp.bfloat16)
+    model_fn = checks.bf16_model(model_fn)
   return jax.jit(lambda rng: pc.pc_sample(model_fn, rng, (N_SAMPLES[mixture_name], mixture.dim), schedule=schedule,
                                           num_steps=num_steps, predictor=predictor, corrector=corrector,
                                           return_trajectory=True))
@@ -120,21 +119,6 @@ def _compiled(schedule, num_steps, mixture_name, predictor, corrector, bf16):
 def noise_floor(mixture_name):
   """``(floor, reference)`` of exact samples, computed once per mixture."""
   return metrics.noise_floor(MIXTURES[mixture_name], N_SAMPLES[mixture_name], jax.random.PRNGKey(1))
-
-
-def assert_at_floor(report, floor, mixture, n):
-  """Sampling-noise tolerances for n samples (``floor`` is one realisation of exact sampling).
-
-  Mode weights: 4 binomial sigmas of the largest weight; mean: 4 sigmas of the RMS mean error; covariance
-  and sliced Wasserstein: 1.5x the exact-sample value plus a small absolute slack (both are dominated by
-  sampling noise at these n, and one realisation of the floor varies by ~20%).
-  """
-  w = np.asarray(mixture.weights, np.float64)
-  _, cov = mixture.mean_and_cov()
-  assert report['mode_weight_err'] <= 4 * np.sqrt(np.max(w * (1 - w)) / n), report
-  assert report['mean_err'] <= 4 * np.sqrt(float(jnp.trace(cov)) / mixture.dim / n), report
-  assert report['cov_err'] <= 1.5 * floor['cov_err'] + 0.01, (report, floor)
-  assert report['sw'] <= 1.5 * floor['sw'] + 0.005, (report, floor)
 
 
 @pytest.mark.parametrize('schedule,num_steps,predictor,corrector,mixture_name', [
@@ -158,8 +142,8 @@ def test_mixture_reaches_the_floor(schedule, num_steps, predictor, corrector, mi
   out = sampler(schedule, num_steps, mixture_name, predictor, corrector)(jax.random.PRNGKey(0))
   assert out.nfe == num_steps * (2 if corrector == 'langevin' else 1) + 1
   report = metrics.mixture_report(out.samples, mixture, reference, jax.random.PRNGKey(2))
-  assert_at_floor(report, floor, mixture, n)
-  tol = 4 * np.sqrt(2 / mixture.dim / n) + 0.005
+  checks.assert_at_floor(report, floor, mixture, n)
+  tol = 4 * checks.sharpness_stderr(mixture.dim, n) + 0.005
   assert 1.0 - tol <= report['sharpness'] <= 1.0 / (1.0 - 0.16**2) + tol, report
 
 
