@@ -57,10 +57,6 @@ class Schedule(abc.ABC):
   def prior_std(self) -> float:
     """Standard deviation of the prior N(0, prior_std^2 I) that sampling starts from at ``t_max``."""
 
-  @property
-  def is_variance_preserving(self) -> bool:
-    return False
-
   def log_snr(self, t: Array) -> Array:
     """``log(alpha_t^2 / sigma_t^2)`` (VDM eq. 2)."""
     alpha_t, sigma_t = self.alpha_sigma(t)
@@ -138,10 +134,6 @@ class VPSDE(Schedule):
   t_max: float = 1.0
 
   @property
-  def is_variance_preserving(self) -> bool:
-    return True
-
-  @property
   def prior_std(self) -> float:
     return 1.0
 
@@ -174,10 +166,6 @@ class SubVPSDE(VPSDE):
 
   Same ``alpha_t`` as VP; ``sigma_t = 1 - alpha_t^2`` (eq. 30), so ``sigma_t^2`` lies below the VP variance.
   """
-
-  @property
-  def is_variance_preserving(self) -> bool:
-    return False
 
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
     b = self.integral_beta(t)
@@ -281,10 +269,6 @@ class DiscreteSchedule(Schedule):
   @abc.abstractmethod
   def betas(self) -> np.ndarray:
     """[T] float64 betas."""
-
-  @property
-  def is_variance_preserving(self) -> bool:
-    return True
 
   @property
   def prior_std(self) -> float:
