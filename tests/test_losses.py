@@ -13,6 +13,8 @@ from scipy import stats
 from diffax.diffusion import losses, parameterization, schedules, time_sampling
 from diffax.testing import mixtures
 
+import np_schedules
+
 _MIX = mixtures.ring_mixture()  # 8 isotropic modes of std 0.1 on the unit circle, weights proportional to k + 1
 
 
@@ -110,23 +112,9 @@ def test_losses_agree_across_predictions():
     np.testing.assert_allclose(row, got[0], rtol=1e-3, atol=1e-6)  # measured: 1.2e-4
 
 
-def _np_alpha_sigma(schedule, t):
-  """Float64 ``(alpha_t, sigma_t)`` written independently of the library's float32 maths."""
-  t = np.asarray(t, np.float64)
-  if isinstance(schedule, schedules.DiscreteSchedule):
-    abar = np.cumprod(1.0 - schedule.betas())[np.round(t * schedule.num_timesteps).astype(int) - 1]
-    return np.sqrt(abar), np.sqrt(1.0 - abar)
-  if isinstance(schedule, schedules.VPSDE):
-    b = schedule.beta_min * t + 0.5 * (schedule.beta_max - schedule.beta_min) * t**2
-    return np.exp(-0.5 * b), np.sqrt(-np.expm1(-b))
-  if isinstance(schedule, schedules.VESDE):
-    return np.ones_like(t), schedule.sigma_min * (schedule.sigma_max / schedule.sigma_min)**t
-  return np.ones_like(t), t  # EDM
-
-
 def _np_reference(kind, x0, x_t, t, out, schedule, prediction, sd=0.5):
   """Per-example loss [B] from the papers' own formulas, in float64 numpy."""
-  a, s = _np_alpha_sigma(schedule, t)
+  a, s = np_schedules.alpha_sigma(schedule, t)
   a, s = a[:, None], s[:, None]
   eps = (x_t - a * x0) / s
   snr = (a / s)**2

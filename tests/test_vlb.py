@@ -12,6 +12,8 @@ from scipy import integrate, stats
 from diffax.diffusion import schedules, vlb
 from diffax.testing import mixtures
 
+import np_schedules
+
 _LN2 = math.log(2.0)
 
 
@@ -20,18 +22,6 @@ def _gaussian(dim: int, std: float) -> mixtures.GaussianMixture:
   return mixtures.GaussianMixture(weights=jnp.ones((1,), jnp.float32), means=jnp.zeros((1, dim), jnp.float32),
                                   eigvecs=jnp.eye(dim, dtype=jnp.float32)[None],
                                   eigvals=jnp.full((1, dim), std**2, jnp.float32))
-
-
-def _np_alpha_sigma(schedule, t):
-  """Independent float64 ``(alpha_t, sigma_t)`` for the schedules used here."""
-  t = np.asarray(t, np.float64)
-  if isinstance(schedule, schedules.DiscreteSchedule):
-    abar = np.cumprod(1.0 - schedule.betas())[np.round(t * schedule.num_timesteps).astype(int) - 1]
-    return np.sqrt(abar), np.sqrt(1.0 - abar)
-  if isinstance(schedule, schedules.VPSDE):
-    b = schedule.beta_min * t + 0.5 * (schedule.beta_max - schedule.beta_min) * t**2
-    return np.exp(-0.5 * b), np.sqrt(-np.expm1(-b))
-  return np.ones_like(t), schedule.sigma_min * (schedule.sigma_max / schedule.sigma_min)**t
 
 
 def _np_kl(m1, v1, m2, v2):
@@ -73,7 +63,7 @@ def test_prior_kl_closed_form():
   rng = np.random.RandomState(0)
   x0 = rng.uniform(-1, 1, size=(5, 3, 2)).astype(np.float32)
   for schedule in (schedules.LinearSchedule(), schedules.VESDE(), schedules.CosineSchedule()):
-    a, s = _np_alpha_sigma(schedule, schedule.t_max)
+    a, s = np_schedules.alpha_sigma(schedule, schedule.t_max)
     p2 = schedule.prior_std**2
     ref = _np_kl(a * x0.astype(np.float64), s**2, 0.0, p2).reshape(5, -1).sum(-1)
     got = jax.jit(lambda x: vlb.prior_kl(x, schedule=schedule))(jnp.asarray(x0))
@@ -110,7 +100,7 @@ def test_vlb_terms_match_closed_form_for_gaussian_data(schedule, variance):
     t = (np.arange(num) + 1.0) / num  # the knots
   else:
     t = np.linspace(schedule.t_min, schedule.t_max, num)
-  a, s = _np_alpha_sigma(schedule, t)
+  a, s = np_schedules.alpha_sigma(schedule, t)
   a_s, s_s, a_t, s_t = a[:-1], s[:-1], a[1:], s[1:]
   beta = s_t**2 - (a_t / a_s)**2 * s_s**2
   beta_tilde = beta * s_s**2 / s_t**2

@@ -144,13 +144,15 @@ Step = Callable[[Array, object, Array, Array, Array], tuple[Array, object]]
 """``step(x, state, t_cur, t_next, rng) -> (x_next, state)``; ``state`` is any sampler-specific pytree."""
 
 
-def initial_x(schedule: Schedule, rng: Array, shape: tuple[int, ...], x_T: Array | None) -> Array:
-  """``x_T`` if given (cast to float32, shape checked), else a draw from the prior."""
+def initial_x(schedule: Schedule, rng: Array, shape: tuple[int, ...], x_T: Array | None) -> tuple[Array, Array]:
+  """The start ``x`` (``x_T`` if given, cast to float32 and shape-checked, else a prior draw) and the rng left
+  for the sampler's loop."""
+  rng_init, rng_loop = jax.random.split(rng)
   if x_T is None:
-    return schedule.prior_sample(rng, tuple(shape))
+    return schedule.prior_sample(rng_init, tuple(shape)), rng_loop
   if tuple(x_T.shape) != tuple(shape):
     raise ValueError(f'x_T has shape {x_T.shape}, expected {tuple(shape)}.')
-  return jnp.asarray(x_T, jnp.float32)
+  return jnp.asarray(x_T, jnp.float32), rng_loop
 
 
 def run(step: Step, x: Array, state: object, ts: Array, rng: Array, *, schedule: Schedule,

@@ -47,8 +47,7 @@ def ddim_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[
   denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
                                 clip_x0=clip_x0)
   ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start)
-  rng_init, rng_loop = jax.random.split(rng)
-  x = base.initial_x(schedule, rng_init, tuple(shape), x_T)
+  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
 
   def step(x, state, t_cur, t_next, key):
     x0, eps = denoiser(x, t_cur)

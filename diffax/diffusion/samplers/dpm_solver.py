@@ -111,8 +111,7 @@ def dpm_solver_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Seq
     ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start)
   else:
     ts = base.time_grid(schedule, num_steps + 1, spacing, t_start=t_start)[:-1]
-  rng_init, rng_loop = jax.random.split(rng)
-  x = base.initial_x(schedule, rng_init, tuple(shape), x_T)
+  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
 
   if method == 'singlestep':
     step, state = _singlestep(denoiser, schedule, order), None

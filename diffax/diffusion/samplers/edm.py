@@ -70,8 +70,7 @@ def edm_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[i
   denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
                                 clip_x0=clip_x0)
   ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start)
-  rng_init, rng_loop = jax.random.split(rng)
-  x = base.initial_x(schedule, rng_init, tuple(shape), x_T)
+  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
   gamma_max = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
 
   def sigma_ve(t):

@@ -134,8 +134,7 @@ def heun_ode_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Seque
   denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
                                 clip_x0=clip_x0)
   ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start, t_end=t_end)
-  rng_init, rng_loop = jax.random.split(rng)
-  x = base.initial_x(schedule, rng_init, tuple(shape), x_T)
+  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
 
   def step(x, state, t_cur, t_next, key):
     del key
@@ -190,7 +189,7 @@ def adaptive_ode_sample(model_fn: parameterization.ModelFn, rng: Array, shape: S
   t_end = schedule.t_min if t_end is None else t_end
   u0, alpha0 = flow_time(schedule, schedule.t_max if t_start is None else t_start)
   u1, alpha1 = flow_time(schedule, t_end)
-  x = base.initial_x(schedule, rng, tuple(shape), x_T)
+  x, _ = base.initial_x(schedule, rng, tuple(shape), x_T)
   field = probability_flow(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
                            clip_x0=clip_x0)
   save_us = jnp.linspace(u0, u1, num_save_points) if return_trajectory else None

@@ -88,8 +88,7 @@ def pc_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[in
   ts = jnp.linspace(t_start, schedule.t_min, num_steps + 1, dtype=jnp.float32)
   if denoise:
     ts = jnp.append(ts, jnp.zeros((1,), jnp.float32))
-  rng_init, rng_loop = jax.random.split(rng)
-  x = base.initial_x(schedule, rng_init, tuple(shape), x_T)
+  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
 
   def score(x, t):
     _, eps = denoiser(x, t)
