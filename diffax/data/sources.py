@@ -1,0 +1,151 @@
+"""Random-access image sources: the embedded digits and TFDS datasets read through ``tfds.data_source``.
+
+A source has ``len(source)`` records and ``source[i] -> {'image': uint8 [H, W, C], 'label': int}``, plus
+``image_shape`` (H, W, C) and ``num_classes``, so grain (:mod:`diffax.data.pipeline`) can shuffle, shard and
+checkpoint by index. TFDS datasets are read from their ArrayRecord files with ``tfds.data_source``: random access
+without TensorFlow in the input path, and ``tfds.testing.mock_data`` replaces them with fake records offline.
+
+A dataset that is not prepared raises :class:`DatasetNotPreparedError` with the command that prepares it. Note
+that ``tfds.data_source`` reads only the ``array_record`` (or ``parquet``) file format, while ``tfds build``
+writes ``tfrecord`` unless told otherwise: the commands below pass ``--file_format=array_record``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+
+import numpy as np
+
+from diffax.data import digits
+
+Record = dict[str, Any]
+"""``{'image': uint8 [H, W, C], 'label': int}``."""
+
+# Extra preparation steps for datasets whose files TFDS cannot fetch by itself (or only with an account).
+_MANUAL_DOWNLOADS = {
+    'imagenet2012': (
+        'ImageNet needs a manual download: register at https://image-net.org/download-images, download '
+        'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar and place them in {manual_dir}.'),
+    'imagenet_resized': (
+        'The downsampled ImageNet files come from https://image-net.org/download-images (an ImageNet account '
+        'is needed); if TFDS cannot fetch them, download the Imagenet<size>_*_npz.zip files of that page '
+        '(for 64x64: Imagenet64_train_part1_npz.zip, Imagenet64_train_part2_npz.zip, Imagenet64_val_npz.zip) '
+        'and place them in {manual_dir}.'),
+}
+
+
+class Source(Protocol):
+  """A random-access image dataset."""
+
+  image_shape: tuple[int, int, int]
+  num_classes: int
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> Record:
+    ...
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """A TFDS dataset is not prepared in ``data_dir`` (or not in a random-access file format)."""
+
+
+class DigitsSource:
+  """The embedded 8x8 digits (:func:`diffax.data.digits.load_digits`), held in memory.
+
+  Args:
+    split: ``'train'``, ``'test'`` or ``'all'``.
+  """
+
+  num_classes = digits.NUM_CLASSES
+
+  def __init__(self, split: str):
+    self._images, self._labels = digits.load_digits(split)
+    self.image_shape = tuple(self._images.shape[1:])
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> Record:
+    return {'image': self._images[index], 'label': int(self._labels[index])}
+
+
+class TfdsSource:
+  """A TFDS image-classification dataset read by index with ``tfds.data_source`` (ArrayRecord files).
+
+  Args:
+    name: TFDS name, e.g. ``'cifar10'`` or ``'imagenet_resized/64x64'``.
+    split: TFDS split, e.g. ``'train'``, ``'test'`` or ``'train[:90%]'``.
+    data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+    image_key: feature holding the uint8 image [H, W, C].
+    label_key: feature holding the integer class label.
+
+  Raises:
+    DatasetNotPreparedError: the dataset is not prepared in ``data_dir`` as ``array_record``.
+  """
+
+  def __init__(self, name: str, *, split: str, data_dir: str | None = None, image_key: str = 'image',
+               label_key: str = 'label'):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; digits runs need none)
+
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise
+    except Exception as e:  # tfds reports a missing dataset as a NotImplementedError about the file format.
+      if error := _not_prepared_error(name, data_dir):
+        raise error from e
+      raise
+    features = self._source.dataset_info.features
+    self.image_shape = tuple(features[image_key].shape)
+    if None in self.image_shape:
+      raise ValueError(f'TFDS dataset {name!r} has images of varying size {self.image_shape}; batches need one '
+                       'size (use a resized variant such as imagenet_resized/64x64).')
+    self.num_classes = features[label_key].num_classes
+    self._image_key = image_key
+    self._label_key = label_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Record:
+    record = self._source[index]
+    return {'image': np.asarray(record[self._image_key], dtype=np.uint8), 'label': int(record[self._label_key])}
+
+
+def _not_prepared_error(name: str, data_dir: str | None) -> DatasetNotPreparedError | None:
+  """Explains how to prepare ``name`` in ``data_dir`` for ``tfds.data_source``; None if it is prepared."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  root = data_dir or tfds.core.constants.get_default_data_dir()
+  builder = tfds.builder(name, data_dir=root)
+  readable = (tfds.core.FileFormat.ARRAY_RECORD, tfds.core.FileFormat.PARQUET)
+  if builder.is_prepared() and builder.info.file_format in readable:
+    return None
+  if builder.is_prepared():
+    problem = (f'is prepared in {builder.data_dir} as {builder.info.file_format.value}, which '
+               'tfds.data_source cannot read by index (it needs array_record)')
+  else:
+    problem = f'is not prepared in data_dir={root!r}'
+  steps = _MANUAL_DOWNLOADS.get(re.split('[/:]', name)[0], '').format(manual_dir=f'{root}/downloads/manual')
+  return DatasetNotPreparedError(
+      f'TFDS dataset {name!r} {problem}. Prepare it with\n'
+      f'  tfds build {name} --data_dir={root} --file_format=array_record\n'
+      f'or, in Python,\n'
+      f'  tfds.builder({name!r}, data_dir={root!r}, file_format=\'array_record\').download_and_prepare()'
+      + (f'\n{steps}' if steps else ''))
+
+
+def get_source(name: str, *, split: str, data_dir: str | None = None) -> DigitsSource | TfdsSource:
+  """Returns the source named ``name``: ``'digits'`` (embedded) or any TFDS image-classification dataset.
+
+  Args:
+    name: ``'digits'`` or a TFDS name such as ``'cifar10'`` or ``'imagenet_resized/64x64'``.
+    split: split of that dataset (``'train'`` / ``'test'`` / ``'all'`` for digits).
+    data_dir: TFDS data directory; ignored for digits.
+  """
+  if name == 'digits':
+    return DigitsSource(split)
+  return TfdsSource(name, split=split, data_dir=data_dir)

@@ -1,0 +1,26 @@
+"""Sample-quality evaluation: the FID Inception network, its verified weights, and FID / IS / KID / precision-recall.
+
+``python -m diffax.evaluation.convert_inception`` makes the weights file once (see ``inception_weights``).
+"""
+
+from diffax.evaluation import inception
+from diffax.evaluation import inception_weights
+from diffax.evaluation import stats
+from diffax.evaluation.inception import FIDInceptionV3
+from diffax.evaluation.inception import make_feature_fn
+from diffax.evaluation.inception_weights import InceptionWeights
+from diffax.evaluation.inception_weights import load_inception_variables
+from diffax.evaluation.stats import FeatureStats
+from diffax.evaluation.stats import file_sha256
+from diffax.evaluation.stats import frechet_distance
+from diffax.evaluation.stats import inception_score
+from diffax.evaluation.stats import kernel_inception_distance
+from diffax.evaluation.stats import load_reference_stats
+from diffax.evaluation.stats import precision_recall
+from diffax.evaluation.stats import save_reference_stats
+
+__all__ = [
+    'FIDInceptionV3', 'FeatureStats', 'InceptionWeights', 'file_sha256', 'frechet_distance', 'inception',
+    'inception_score', 'inception_weights', 'kernel_inception_distance', 'load_inception_variables',
+    'load_reference_stats', 'make_feature_fn', 'precision_recall', 'save_reference_stats', 'stats'
+]
