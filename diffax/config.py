@@ -1,0 +1,182 @@
+"""The trainer's configuration: every key with its default and type, and the checks run at start.
+
+Experiment files in ``configs/`` start from :func:`default_config` and change values, so a misspelt key fails
+where it is written (the returned ConfigDict is locked) and every override from the command line
+(``--config.optim.learning_rate=1e-4``) is type-checked by ml_collections. Three sections hold keyword
+arguments for library objects and are open: ``model.overrides`` (fields of the backbone), ``diffusion.
+schedule_kwargs`` and ``sample.kwargs``; :func:`validate` builds those objects once and names the key when a
+keyword is unknown or has the wrong type. Command-line overrides can change keys that exist, so a config file
+that wants an open keyword swept from the command line sets it first. Sections follow score_sde / VDM: ``data / model / diffusion / optim /
+train / sample / eval / mesh``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from diffax.diffusion import losses, parameterization, schedules, samplers
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the key and what is allowed."""
+
+  def __init__(self, key: str, message: str):
+    super().__init__(f'config.{key}: {message}')
+    self.key = key
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys the trainer reads, with defaults (the embedded digits default changes a few)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = dict(
+      name='digits',  # 'digits' (bundled with scikit-learn) or any tfds name, e.g. 'cifar10'
+      data_dir='',  # tfds data_dir; '' = tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+      split='train',
+      num_classes=10,  # 0 = unconditional; otherwise labels are the condition (label num_classes is null)
+      random_flip=False,
+      dequantize=False,
+      worker_count=0,  # grain worker processes per host (0 = in the main process)
+  )
+  c.model = dict(
+      name='unet',  # a key of diffax.models.MODELS
+      preset='',  # a preset of that model (diffax.models.PRESETS) or '' for the model's defaults
+      dtype='float32',  # compute dtype: 'float32' or 'bfloat16'; parameters are always float32
+      remat='none',  # 'none' or a policy of diffax.models.layers.REMAT_POLICIES
+  )
+  c.model.overrides = ml_collections.ConfigDict()  # backbone fields, e.g. {'ch': 64, 'dropout': 0.1}
+  c.diffusion = dict(
+      schedule='cosine',  # a key of diffax.diffusion.schedules.SCHEDULES
+      prediction='eps',  # one of parameterization.PREDICTIONS
+      loss='ddpm',  # a key of losses.LOSSES
+      weighting='eps',  # one of losses.WEIGHTINGS (ignored by the 'hybrid' loss)
+      weighting_gamma=0.0,  # min-SNR gamma / P2 exponent; 0 = the paper's default
+      p_uncond=0.1,  # label dropout for classifier-free guidance (conditional models only)
+      sigma_data=0.5,
+  )
+  c.diffusion.schedule_kwargs = ml_collections.ConfigDict()
+  c.optim = dict(
+      optimizer='adamw',  # 'adamw' or 'adam'
+      learning_rate=2e-4,
+      lr_schedule='constant',  # 'constant' or 'cosine' (both after a linear warm-up)
+      warmup_steps=0,
+      min_lr_ratio=0.0,  # cosine decays to learning_rate * min_lr_ratio
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,  # global-norm clipping; 0 = off
+      grad_accum_steps=1,  # optax.MultiSteps: one update every k micro-batches of train.batch_size
+  )
+  c.train = dict(
+      num_steps=10_000,
+      batch_size=128,  # global batch over all devices and processes
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=3,  # the last N checkpoints are kept ...
+      keep_period=0,  # ... plus every K-th step (0 = none)
+      async_checkpointing=True,
+      sample_every=0,  # sample grid every N steps (0 = only at the end)
+      eval_every=0,  # periodic evaluation every N steps with eval.num_samples_train (0 = off)
+      ema_decays=(0.9999,),
+      ema_warmup=True,  # decay_n = min(decay, (1 + n) / (10 + n))
+      nan_policy='stop',  # 'stop' (keep the last good checkpoint) or 'skip' (drop the update)
+      loss_buckets=4,  # loss broken down over this many equal bins of t
+      peak_flops_per_device=0.0,  # for MFU; 0 = look up the device kind (unknown kinds report no MFU)
+  )
+  c.sample = dict(
+      sampler='dpm_solver',  # a key of samplers.SAMPLERS
+      num_steps=25,
+      guidance_scale=1.0,  # classifier-free guidance weight w (1 = the conditional model)
+      clip_x0=0.0,  # clip every x0-prediction to [-c, c] (pixel data: 1); 0 = never clip
+      spacing='',  # time grid of samplers that take one ('trailing', 'log_snr', 'karras', ...); '' = its default
+      num_samples=64,  # grid size
+      ema_decay=0.0,  # which EMA to sample from; 0 = the first of train.ema_decays
+      seed=0,
+  )
+  c.sample.kwargs = ml_collections.ConfigDict()
+  c.eval = dict(
+      metric='digits',  # 'digits', 'inception' or '' (none)
+      num_samples=50_000,  # for --mode eval
+      num_samples_train=2_000,  # for periodic evaluation during training
+      batch_size=256,  # global generation batch
+      inception_weights='',  # '' = $DIFFAX_INCEPTION_WEIGHTS
+      reference_stats='',  # .npz with mu / sigma of the real data's Inception features
+      checkpoint_step=-1,  # -1 = latest
+  )
+  c.mesh = dict(
+      data=-1,  # -1 = all devices not used by other axes
+      fsdp=1,
+      rules=(('embed', 'fsdp'), ('conv_out', 'fsdp')),  # logical parameter axis -> mesh axis
+  )
+  c.lock()
+  for open_section in (c.model.overrides, c.diffusion.schedule_kwargs, c.sample.kwargs):
+    open_section.unlock()
+  return c
+
+
+def _choice(config: ml_collections.ConfigDict, key: str, allowed) -> None:
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  if value not in allowed:
+    raise ConfigError(key, f'{value!r} is not one of {sorted(allowed)}.')
+
+
+def _positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
+  for key in keys:
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if value < 0 or (value == 0 and not allow_zero):
+      raise ConfigError(key, f'must be {"non-negative" if allow_zero else "positive"}, got {value!r}.')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Rejects impossible settings with the key named. Keyword sections are checked by building them."""
+  from diffax import models  # the registry imports Flax modules; keep config import light
+
+  _choice(config, 'model.name', models.MODELS)
+  if config.model.preset:
+    _choice(config, 'model.preset', models.PRESETS[config.model.name])
+  _choice(config, 'model.dtype', ('float32', 'bfloat16'))
+  _choice(config, 'model.remat', ('none', *models.layers.REMAT_POLICIES))
+  _choice(config, 'diffusion.schedule', schedules.SCHEDULES)
+  _choice(config, 'diffusion.prediction', parameterization.PREDICTIONS)
+  _choice(config, 'diffusion.loss', losses.LOSSES)
+  _choice(config, 'diffusion.weighting', losses.WEIGHTINGS)
+  _choice(config, 'optim.optimizer', ('adamw', 'adam'))
+  _choice(config, 'optim.lr_schedule', ('constant', 'cosine'))
+  _choice(config, 'train.nan_policy', ('stop', 'skip'))
+  _choice(config, 'sample.sampler', samplers.SAMPLERS)
+  _choice(config, 'eval.metric', ('digits', 'inception', ''))
+  _positive(config, 'optim.learning_rate', 'optim.grad_accum_steps', 'train.num_steps', 'train.batch_size',
+            'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints', 'train.loss_buckets',
+            'sample.num_samples', 'sample.num_steps', 'eval.batch_size', 'eval.num_samples',
+            'eval.num_samples_train', 'mesh.fsdp')
+  _positive(config, 'optim.warmup_steps', 'optim.weight_decay', 'optim.grad_clip', 'train.keep_period',
+            'train.sample_every', 'train.eval_every', 'data.num_classes', 'data.worker_count',
+            'diffusion.p_uncond', allow_zero=True)
+  if not 0.0 <= config.optim.min_lr_ratio <= 1.0:
+    raise ConfigError('optim.min_lr_ratio', f'must lie in [0, 1], got {config.optim.min_lr_ratio}.')
+  if config.optim.warmup_steps > config.train.num_steps:
+    raise ConfigError('optim.warmup_steps', f'{config.optim.warmup_steps} exceeds train.num_steps.')
+  if not config.train.ema_decays or not all(0.0 < d < 1.0 for d in config.train.ema_decays):
+    raise ConfigError('train.ema_decays', f'needs one or more decays in (0, 1), got {config.train.ema_decays}.')
+  if config.sample.ema_decay and config.sample.ema_decay not in config.train.ema_decays:
+    raise ConfigError('sample.ema_decay', f'{config.sample.ema_decay} is not one of train.ema_decays '
+                      f'{tuple(config.train.ema_decays)} (0 picks the first).')
+  if config.diffusion.p_uncond >= 1.0:
+    raise ConfigError('diffusion.p_uncond', 'must be below 1 (it is the probability of dropping a label).')
+  if config.sample.guidance_scale != 1.0 and not config.data.num_classes:
+    raise ConfigError('sample.guidance_scale', 'guidance needs a class-conditional model (data.num_classes > 0).')
+  if config.sample.guidance_scale != 1.0 and config.diffusion.p_uncond == 0.0:
+    raise ConfigError('sample.guidance_scale', 'guidance needs an unconditional model too: set '
+                      'diffusion.p_uncond > 0 (label dropout), or guidance_scale = 1.')
+  if config.diffusion.loss == 'hybrid' and config.diffusion.prediction != 'eps':
+    raise ConfigError('diffusion.prediction', "the 'hybrid' loss (iDDPM) trains an eps model.")
+  if config.diffusion.loss == 'edm' and config.diffusion.prediction != 'edm' and config.diffusion.schedule == 'edm':
+    raise ConfigError('diffusion.prediction', "EDM training on the 'edm' schedule uses prediction='edm'.")
+  if config.mesh.data == 0 or config.mesh.data < -1:
+    raise ConfigError('mesh.data', f'must be -1 (all remaining devices) or positive, got {config.mesh.data}.')

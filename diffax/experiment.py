@@ -1,0 +1,99 @@
+"""One run's objects, built once from a validated config: mesh, data source, model, schedule, loss, sampler,
+optimizer, the abstract sharded state and the checkpointer. Training, sampling and evaluation share it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from diffax import checkpoint, components, config as config_lib, optim, sharding, train_state
+from diffax.data.pipeline import make_iterator
+from diffax.data.sources import get_source
+
+
+class Experiment:
+  """The objects one run needs, built once from the config (model, schedule, loss, mesh, data, state)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | epath.Path):
+    config_lib.validate(config)
+    self.config = config
+    self.workdir = epath.Path(workdir)
+    self.mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
+    num_devices = self.mesh.size
+    for key in ('train.batch_size', 'sample.num_samples', 'eval.batch_size'):
+      section, name = key.split('.')
+      if config[section][name] % num_devices:
+        raise config_lib.ConfigError(key, f'{config[section][name]} is not divisible by the {num_devices} devices.')
+    self.source = get_source(config.data.name, split=config.data.split, data_dir=config.data.data_dir or None)
+    record = self.source[0]
+    self.image_shape = tuple(np.asarray(record['image']).shape)  # (H, W, C)
+    if config.data.num_classes and not 0 <= int(record['label']) < config.data.num_classes:
+      raise config_lib.ConfigError('data.num_classes', f'label {record["label"]} of {config.data.name} is outside '
+                                   f'[0, {config.data.num_classes}).')
+    self.schedule = components.build_schedule(config)
+    self.model = components.build_model(config)
+    self.loss_fn = components.build_loss(config, components.apply_fn_of(self.model), self.schedule)
+    self.sample_fn = components.build_sample_fn(config, self.model, self.schedule, channels=self.image_shape[-1])
+    self.optimizer, self.lr_schedule = optim.make_optimizer(num_steps=config.train.num_steps, **config.optim)
+    self.abstract_state, self.state_shardings = train_state.abstract_state(
+        self.init_params, self.optimizer, mesh=self.mesh, rules=config.mesh.rules, **self._create_kwargs())
+    self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', keep=config.train.keep_checkpoints,
+                                                keep_period=config.train.keep_period,
+                                                async_checkpointing=config.train.async_checkpointing)
+
+  def example_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    x = jnp.zeros((batch_size, *self.image_shape), jnp.float32)
+    cond = jnp.zeros((batch_size,), jnp.int32) if self.config.data.num_classes else None
+    return x, jnp.ones((batch_size,), jnp.float32), cond
+
+  def init_params(self, rng: jax.Array) -> Any:
+    return self.model.init({'params': rng}, *self.example_inputs(), train=False)['params']
+
+  def _create_kwargs(self) -> dict[str, Any]:
+    return dict(seed=self.config.seed, num_ema=len(self.config.train.ema_decays))
+
+  def restore_or_init(self, data_iterator=None, *, step: int | None = None) -> train_state.TrainState:
+    state = self.checkpointer.restore(self.abstract_state, data_iterator, step=step)
+    if state is not None:
+      logging.info('Resumed from step %d in %s.', int(state.step), self.checkpointer.directory)
+      return state
+    return train_state.create(self.init_params, self.optimizer, shardings=self.state_shardings,
+                              **self._create_kwargs())
+
+  def data_iterator(self):
+    c = self.config
+    return make_iterator(self.source, global_batch_size=c.train.batch_size, seed=c.seed, shuffle=True,
+                         random_flip=c.data.random_flip, dequantize=c.data.dequantize, worker_count=c.data.worker_count)
+
+  def model_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the loss sees: ``{'x', 'cond'}``, or only ``{'x'}`` for an unconditional model."""
+    return host_batch if self.config.data.num_classes else {'x': host_batch['x']}
+
+  def sample_params(self, state: train_state.TrainState) -> Any:
+    return state.ema_params[components.ema_index(self.config)]
+
+  def make_sampler(self, batch_size: int):
+    """Jitted ``(params, rng, labels) -> (samples [batch_size, H, W, C] sharded over the batch axes, nfe)``."""
+    labels_sharding = sharding.batch_sharding(self.mesh)
+    params_sharding = self.state_shardings.params
+    conditional = bool(self.config.data.num_classes)
+    shape = (batch_size, *self.image_shape)
+
+    def run(params, rng, labels):
+      out = self.sample_fn(params, rng, labels if conditional else None, shape)
+      return out.samples, out.nfe
+
+    return jax.jit(run, in_shardings=(params_sharding, sharding.replicated(self.mesh), labels_sharding),
+                   out_shardings=(labels_sharding, sharding.replicated(self.mesh)))
+
+  def grid_labels(self, n: int) -> jax.Array:
+    """Labels of a sample grid: classes cycle along rows (column j shows class j mod num_classes)."""
+    num_classes = max(self.config.data.num_classes, 1)
+    return jax.device_put(jnp.arange(n, dtype=jnp.int32) % num_classes, sharding.batch_sharding(self.mesh))

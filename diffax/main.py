@@ -1,0 +1,61 @@
+"""``python -m diffax.main --config configs/digits.py --workdir DIR [--mode train|sample|eval]``.
+
+Flags only: ``--config`` takes ``--config.section.key=value`` overrides (type-checked). With more than one
+process (a launcher sets ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or a Cloud
+TPU / SLURM environment that JAX detects) the multi-process runtime is initialised first.
+"""
+
+import logging as py_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, metrics and samples.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'reference'], 'What to run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _distributed_args() -> dict[str, object] | None:
+  """``jax.distributed.initialize`` arguments, or None for a single process.
+
+  A local or custom launcher sets ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``;
+  on SLURM and Cloud TPU pods JAX detects everything itself (empty arguments).
+  """
+  env = os.environ
+  if int(env.get('JAX_NUM_PROCESSES', '1')) > 1:
+    return dict(coordinator_address=env['JAX_COORDINATOR_ADDRESS'], num_processes=int(env['JAX_NUM_PROCESSES']),
+                process_id=int(env['JAX_PROCESS_ID']))
+  if int(env.get('SLURM_NTASKS', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+    return {}
+  return None
+
+
+class _LibraryInfoFilter(py_logging.Filter):
+  """Keeps Orbax's and grain's per-save INFO chatter out of the run log (their warnings and errors stay)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno > py_logging.INFO or not any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain'))
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  import jax  # pylint: disable=g-import-not-at-top
+
+  distributed = _distributed_args()
+  if distributed is not None:
+    jax.distributed.initialize(**distributed)
+  logging.info('Process %d of %d, %d local / %d global devices.', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  from diffax import evaluate, train  # pylint: disable=g-import-not-at-top
+
+  run = {'train': train.train_and_evaluate, 'sample': train.sample, 'eval': evaluate.evaluate,
+         'reference': evaluate.reference_stats}[FLAGS.mode]
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

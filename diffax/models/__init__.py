@@ -1,0 +1,32 @@
+"""Backbones by name: ``get_model('unet', preset='ddpm_cifar10', dtype='bfloat16')``.
+
+Every backbone is a Linen module called as ``model.apply({'params': p}, x [B,H,W,C], t [B], cond, train=...)``
+(see :mod:`diffax.models.layers` for the shared conventions: NHWC, null label, mixed precision, logical axes).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+
+from diffax.models import layers
+from diffax.models.dit import DIT_PRESETS, DiT
+from diffax.models.unet import UNET_PRESETS, UNet
+
+MODELS: dict[str, type[nn.Module]] = {'unet': UNet, 'dit': DiT}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {'unet': UNET_PRESETS, 'dit': DIT_PRESETS}
+
+
+def get_model(name: str, *, preset: str | None = None, **overrides: Any) -> nn.Module:
+  """The backbone ``name`` built from ``preset``'s fields (if given) updated by ``overrides``."""
+  if name not in MODELS:
+    raise ValueError(f'Unknown model {name!r}; choose one of {sorted(MODELS)}.')
+  fields = {}
+  if preset:
+    if preset not in PRESETS[name]:
+      raise ValueError(f'Unknown {name} preset {preset!r}; choose one of {sorted(PRESETS[name])}.')
+    fields.update(PRESETS[name][preset])
+  fields.update(overrides)
+  return MODELS[name](**fields)
+
+
+__all__ = ['DIT_PRESETS', 'DiT', 'MODELS', 'PRESETS', 'UNET_PRESETS', 'UNet', 'get_model', 'layers']

@@ -1,0 +1,381 @@
+"""The diffusion U-Net family: DDPM, DDPM++ (score-SDE), ADM and Stable Diffusion's cross-attention U-Net.
+
+One encoder-decoder (Ronneberger et al. 2015; PixelCNN++ / Wide-ResNet blocks as in Ho et al. 2020, app. B):
+
+  conv_in -> per level l (resolution H / 2^l, width ch * ch_mult[l]): num_res_blocks x [ResBlock, attention at
+  attn_resolutions], then downsample -> middle: ResBlock, attention, ResBlock -> per level in reverse:
+  (num_res_blocks + 1) x [ResBlock on concat(h, skip), attention], then upsample -> GN, SiLU, conv_out.
+
+The noise input ``t`` is embedded (sinusoidal or Fourier, :class:`~diffax.models.layers.NoiseEmbedding`) and
+mapped by a two-layer MLP to width 4 ch; class labels add a learned embedding with a null row for classifier-free
+guidance (Ho & Salimans 2022); every ResBlock receives the sum. How each paper maps to the flags:
+
+* DDPM (Ho et al. 2020): the defaults; strided-conv down / nearest + conv up sampling, single-head attention.
+* DDPM++ (Song et al. 2021, app. H): ``resblock_updown`` with ``resample_skip_conv`` (BigGAN blocks whose skip
+  path is a 1x1 conv), ``skip_rescale`` (1/sqrt(2)), ``up_attn_last_only`` (one attention per decoder level).
+  NCSN++ adds FIR resampling and progressive input/output pyramids, which are not implemented here; its
+  ``noise_embedding='fourier'`` (2 ch Gaussian Fourier features, e.g. of log sigma) is.
+* ADM (Dhariwal & Nichol 2021): ``num_head_channels``, ``resblock_updown``, ``scale_shift_norm`` (AdaGN),
+  ``learn_sigma`` (output [..., 2C]: mean prediction then the variance interpolation ``v``), ``num_classes``.
+* Stable Diffusion (Rombach et al. 2022): ``context_dim`` swaps every attention block for a
+  :class:`SpatialTransformer` of ``transformer_depth`` layers with ``context_heads`` heads that also
+  cross-attend to the context [B, L, context_dim] (e.g. CLIP's 768-d text tokens, 8 heads).
+
+Mixed precision: parameters float32, convolutions and matmuls in ``dtype``, norms and the attention softmax in
+float32, output float32. Every parameter carries logical axis names (:data:`diffax.models.layers.AXES`).
+
+All blocks are NHWC and keep the residual stream in ``dtype``. The last layer of every residual branch and the
+output conv are zero-initialised, so a fresh block is the identity on its skip path and a fresh network outputs
+zero (ADM's ``zero_module``; DDPM / score-SDE's ``init_scale=0.``, i.e. variance scale 1e-10). Other kernels use
+DDPM / score-SDE's ``default_init``: variance scaling 1, fan-average, uniform (ADM keeps PyTorch's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffax.models import layers
+
+Array = jax.Array
+Dtype = layers.Dtype
+
+default_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+"""DDPM / score-SDE kernel initializer (``default_init(scale=1.)`` in both code bases)."""
+
+
+def upsample_nearest(x: Array) -> Array:
+  """[B, H, W, C] -> [B, 2H, 2W, C] by nearest-neighbour repetition."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def downsample_avg(x: Array) -> Array:
+  """[B, H, W, C] -> [B, H/2, W/2, C] by 2x2 average pooling (ADM's ``avg_pool_nd``, score-SDE's naive filter)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def resample_2x(x: Array, kind: str) -> Array:
+  """Parameter-free resampling by 2: ``kind`` is ``'up'``, ``'down'`` or ``'none'`` (identity)."""
+  if kind == 'up':
+    return upsample_nearest(x)
+  if kind == 'down':
+    return downsample_avg(x)
+  return x
+
+
+def layer_norm(x: Array, *, name: str) -> Array:
+  """LayerNorm over the last axis in float32 (scale and bias named ``('norm',)``) -> float32."""
+  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                      scale_init=layers.partitioned(nn.initializers.ones, ('norm',)),
+                      bias_init=layers.partitioned(layers.zeros, ('norm',)), name=name)(x.astype(jnp.float32))
+
+
+class ResBlock(nn.Module):
+  """Residual block conditioned on the embedding ``emb`` (DDPM's ``resnet_block``, ADM's ``ResBlock``).
+
+  ``h = conv_0(SiLU(GN(x)))``, ``h = conv_1(dropout(SiLU(GN(h + proj(emb)))))``, ``out = skip(x) + h``, with:
+
+  * ``scale_shift_norm`` (ADM, "AdaGN"): ``GN(h) (1 + s) + b`` with ``(s, b) = proj(emb)`` instead of adding
+    ``proj(emb)`` before the norm (Dhariwal & Nichol 2021, sec. 3).
+  * ``resample`` ``'up'`` / ``'down'`` (BigGAN-style, Brock et al. 2019): both paths are resampled without
+    parameters after the first norm (nearest / 2x2 average).
+  * ``skip``: identity when channels match, else a 1x1 conv; ``resample_skip_conv`` also projects whenever the
+    block resamples (score-SDE's ``ResnetBlockBigGANpp``; ADM keeps the identity).
+  * ``skip_rescale``: ``out / sqrt(2)`` (DDPM++ / NCSN++, Song et al. 2021, app. H).
+
+  Call: ``x`` [B, H, W, C_in], ``emb`` [B, E], ``train`` (dropout) -> [B, H', W', out_ch] in ``dtype``.
+  """
+  out_ch: int
+  dropout: float = 0.0
+  num_groups: int = 32
+  scale_shift_norm: bool = False
+  skip_rescale: bool = False
+  resample: str = 'none'
+  resample_skip_conv: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
+    h = nn.silu(layers.group_norm(self.num_groups, name='norm_0')(x))
+    h, x = resample_2x(h, self.resample), resample_2x(x, self.resample)
+    h = layers.conv(self.out_ch, dtype=self.dtype, kernel_init=default_init, name='conv_0')(h)
+    emb_width = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
+    emb_out = layers.dense(emb_width, ('embed', 'conv_out'), dtype=self.dtype, kernel_init=default_init,
+                           name='emb_proj')(nn.silu(emb))[:, None, None, :]  # [B, 1, 1, emb_width]
+    if self.scale_shift_norm:
+      scale, shift = jnp.split(emb_out.astype(jnp.float32), 2, axis=-1)
+      h = layers.group_norm(self.num_groups, name='norm_1')(h) * (1.0 + scale) + shift
+    else:
+      h = layers.group_norm(self.num_groups, name='norm_1')(h + emb_out)
+    h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
+    h = layers.conv(self.out_ch, dtype=self.dtype, kernel_init=layers.zeros, name='conv_1')(h)
+    if x.shape[-1] != self.out_ch or (self.resample != 'none' and self.resample_skip_conv):
+      x = layers.conv(self.out_ch, 1, dtype=self.dtype, kernel_init=default_init, name='skip')(x)
+    out = x + h
+    return out * (1.0 / math.sqrt(2.0)) if self.skip_rescale else out
+
+
+class AttnBlock(nn.Module):
+  """Multi-head self-attention over all pixels (DDPM's ``attn_block``, ADM's ``AttentionBlock``).
+
+  ``out = x + proj_out(attention(GN(x)))`` with ``proj_out`` zero-initialised; ``num_heads=1`` is DDPM's
+  single-head attention with scale ``C^-1/2``. ``skip_rescale`` divides by sqrt(2) (score-SDE's ``AttnBlockpp``).
+
+  Call: ``x`` [B, H, W, C] -> [B, H, W, C].
+  """
+  num_heads: int = 1
+  num_groups: int = 32
+  skip_rescale: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, height, width, c = x.shape
+    h = layers.group_norm(self.num_groups, name='norm')(x).reshape(b, height * width, c)
+    h = layers.Attention(self.num_heads, c // self.num_heads, dtype=self.dtype, out_kernel_init=layers.zeros,
+                         name='attn')(h)
+    out = x + h.reshape(b, height, width, c)
+    return out * (1.0 / math.sqrt(2.0)) if self.skip_rescale else out
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm transformer layer with cross-attention (Stable Diffusion's ``BasicTransformerBlock``).
+
+  ``x += self_attn(LN(x))``; ``x += cross_attn(LN(x), context)``; ``x += W_2 (a * GELU(g))`` with
+  ``[a, g] = W_1 LN(x)`` (GEGLU, Shazeer 2020; hidden width 4 D).
+
+  Call: ``x`` [B, L, D], ``context`` [B, S, D_c] -> [B, L, D].
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array) -> Array:
+    d = x.shape[-1]
+    head_dim = d // self.num_heads
+    x = x + layers.Attention(self.num_heads, head_dim, dtype=self.dtype, name='self_attn')(layer_norm(x, name='norm_0'))
+    x = x + layers.Attention(self.num_heads, head_dim, dtype=self.dtype, name='cross_attn')(
+        layer_norm(x, name='norm_1'), context)
+    h = layers.dense(8 * d, ('embed', 'mlp'), dtype=self.dtype, kernel_init=default_init,
+                     name='ff_in')(layer_norm(x, name='norm_2'))  # [B, L, 2 * 4D]
+    a, gate = jnp.split(h, 2, axis=-1)
+    h = a * nn.gelu(gate, approximate=False)
+    return x + layers.dense(d, ('mlp', 'embed'), dtype=self.dtype, kernel_init=default_init, name='ff_out')(h)
+
+
+class SpatialTransformer(nn.Module):
+  """Image-to-context cross-attention block (Rombach et al. 2022, Stable Diffusion's ``SpatialTransformer``).
+
+  ``out = x + proj_out(blocks(proj_in(GN(x)), context))``: 1x1 projections around ``depth``
+  :class:`TransformerBlock` layers over the H*W pixels; ``proj_out`` is zero-initialised.
+
+  Call: ``x`` [B, H, W, C], ``context`` [B, S, D_c] -> [B, H, W, C].
+  """
+  num_heads: int = 8
+  depth: int = 1
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array) -> Array:
+    b, height, width, c = x.shape
+    h = layers.group_norm(self.num_groups, name='norm')(x)
+    h = layers.conv(c, 1, dtype=self.dtype, kernel_init=default_init, name='proj_in')(h).reshape(b, height * width, c)
+    for i in range(self.depth):
+      h = TransformerBlock(self.num_heads, dtype=self.dtype, name=f'block_{i}')(h, context)
+    h = layers.conv(c, 1, dtype=self.dtype, kernel_init=layers.zeros, name='proj_out')(h.reshape(b, height, width, c))
+    return x + h
+
+
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # Ho et al. 2020, app. B: "Our CIFAR10 model has 35.7 million parameters". 32x32 input.
+    'ddpm_cifar10': dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
+    # Song et al. 2021, "DDPM++ cont. (VP)", configs/vp/cifar10_ddpmpp_continuous.py of yang-song/score_sde
+    # (nf 128, ch_mult (1, 2, 2, 2), 4 res blocks, attention at 16, biggan blocks, skip_rescale, positional
+    # embedding of 999 t). Published size: 61.8 M in Karras et al. 2022 (EDM), table 7, config A (VP, CIFAR-10);
+    # EDM app. F.4 counts its 6 self-attention layers (ADM: 22). 32x32 input.
+    'ddpmpp_cifar10': dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1,
+                           resblock_updown=True, resample_skip_conv=True, up_attn_last_only=True, skip_rescale=True,
+                           t_scale=999.0),
+    # Dhariwal & Nichol 2021, class-conditional ImageNet 64x64 (openai/guided-diffusion flags: num_channels 192,
+    # channel_mult (1, 2, 3, 4), num_res_blocks 3, attention_resolutions 32,16,8, num_head_channels 64,
+    # resblock_updown, use_scale_shift_norm, learn_sigma, dropout 0.1). Published size: 295.9 M in Karras et al.
+    # 2024 (EDM2), fig. 16, config A (also "~296 M trainable parameters", EDM app. F.4), with 22 attention
+    # blocks. 64x64 input.
+    'adm_imagenet64': dict(ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
+                           num_head_channels=64, dropout=0.1, resblock_updown=True, scale_shift_norm=True,
+                           num_classes=1000, learn_sigma=True),
+    # CPU test model for 8x8 (or 16x16) inputs: 0.18 M parameters, attention at 4x4.
+    'unet_tiny': dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_heads=2, num_groups=4),
+    # CPU-trainable default for 8x8 to 32x32 inputs (e.g. digits) in the ADM style: 1.9 M parameters.
+    'unet_small': dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,), num_head_channels=32,
+                       dropout=0.1, num_groups=8, resblock_updown=True, scale_shift_norm=True),
+}
+"""Named :class:`UNet` keyword arguments; each comment gives the published parameter count and its source."""
+
+
+class UNet(nn.Module):
+  """Diffusion U-Net (module docstring); ``apply({'params': p}, x, t, cond, train=...)``.
+
+  Attributes:
+    ch: base width; level ``l`` has ``ch * ch_mult[l]`` channels, the embedding ``4 ch``.
+    ch_mult: width multiplier per resolution level (one downsampling between consecutive levels).
+    num_res_blocks: ResBlocks per encoder level (the decoder has one more per level).
+    attn_resolutions: resolutions in pixels (e.g. ``(16,)``) whose blocks are followed by attention.
+    num_heads: attention heads, unless ``num_head_channels`` fixes the width per head instead (ADM).
+    num_head_channels: channels per attention head (heads = width // num_head_channels).
+    dropout: dropout rate inside ResBlocks (active only with ``train=True``; rng stream ``'dropout'``).
+    num_groups: GroupNorm groups (must divide every width).
+    resblock_updown: resample with BigGAN-style ResBlocks instead of strided conv / nearest + conv.
+    resample_skip_conv: give resampling ResBlocks a 1x1 conv skip even at equal widths (score-SDE).
+    up_attn_last_only: one attention per decoder level after its last ResBlock (score-SDE's NCSN++ / DDPM++).
+    scale_shift_norm: AdaGN conditioning in ResBlocks (ADM).
+    skip_rescale: divide residual sums by sqrt(2) (DDPM++ / NCSN++).
+    noise_embedding: ``'sinusoidal'`` (discrete / scaled t) or ``'fourier'`` (continuous sigma / log-SNR).
+    t_scale: the embedding sees ``t_scale * t`` (1000 maps t in [0, 1] to DDPM's step range; 1 for EDM).
+    fourier_scale: standard deviation of the Fourier frequencies (NCSN++: 16).
+    num_classes: class-conditional with labels in ``[0, num_classes]``; ``num_classes`` is the null label.
+    context_dim: width of a cross-attention context [B, L, context_dim] (Stable Diffusion's text path).
+    context_heads: heads of the spatial transformers (SD v1: 8).
+    transformer_depth: transformer layers per spatial transformer.
+    learn_sigma: double the output channels (ADM / improved DDPM's learned variance), channels-last.
+    out_channels: output channels before ``learn_sigma`` doubling (default: input channels).
+    dtype: compute dtype of convolutions and matmuls (``jnp.float32``, ``jnp.bfloat16`` or its name).
+    remat: rematerialisation policy per ResBlock / attention block (``'none'`` or a key of
+      :data:`diffax.models.layers.REMAT_POLICIES`).
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  num_heads: int = 1
+  num_head_channels: int | None = None
+  dropout: float = 0.0
+  num_groups: int = 32
+  resblock_updown: bool = False
+  resample_skip_conv: bool = False
+  up_attn_last_only: bool = False
+  scale_shift_norm: bool = False
+  skip_rescale: bool = False
+  noise_embedding: str = 'sinusoidal'
+  t_scale: float = 1000.0
+  fourier_scale: float = 16.0
+  num_classes: int | None = None
+  context_dim: int | None = None
+  context_heads: int = 8
+  transformer_depth: int = 1
+  learn_sigma: bool = False
+  out_channels: int | None = None
+  dtype: Any = jnp.float32
+  remat: str = 'none'
+
+  def _heads(self, width: int) -> int:
+    if self.num_head_channels is None:
+      heads = self.num_heads
+    elif width % self.num_head_channels:
+      raise ValueError(f'num_head_channels={self.num_head_channels} does not divide the width {width}.')
+    else:
+      heads = width // self.num_head_channels
+    if width % heads:
+      raise ValueError(f'num_heads={heads} does not divide the width {width}.')
+    return heads
+
+  def _check_inputs(self, x: Array, t: Array, cond: Array | None) -> None:
+    if x.ndim != 4 or t.shape != x.shape[:1]:
+      raise ValueError(f'Expected x [B, H, W, C] and t [B]; got x {x.shape} and t {t.shape}.')
+    factor = 2 ** (len(self.ch_mult) - 1)
+    if x.shape[1] % factor or x.shape[2] % factor:
+      raise ValueError(f'H and W ({x.shape[1:3]}) must be divisible by 2^(len(ch_mult) - 1) = {factor}.')
+    if self.num_classes is not None and self.context_dim is not None:
+      raise ValueError('Set num_classes (labels) or context_dim (cross-attention), not both.')
+    if self.num_classes is not None and (cond is None or cond.shape != x.shape[:1]):
+      raise ValueError(f'num_classes is set: pass labels [B] in [0, {self.num_classes}] ({self.num_classes} is the '
+                       f'null label); got {None if cond is None else cond.shape}.')
+    if self.context_dim is not None and (cond is None or cond.ndim != 3 or cond.shape[-1] != self.context_dim
+                                         or cond.shape[0] != x.shape[0]):
+      raise ValueError(f'context_dim is set: pass a context [B, L, {self.context_dim}]; '
+                       f'got {None if cond is None else cond.shape}.')
+    if self.num_classes is None and self.context_dim is None and cond is not None:
+      raise ValueError('cond was given but neither num_classes nor context_dim is set.')
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, cond: Array | None = None, *, train: bool = False) -> Array:
+    """Network output for ``x`` [B, H, W, C] at noise input ``t`` [B] -> [B, H, W, C_out] float32.
+
+    ``cond``: labels [B] int (``num_classes`` set), a context [B, L, context_dim] (``context_dim`` set), or None.
+    ``C_out`` is ``out_channels`` (default C), doubled by ``learn_sigma``.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    self._check_inputs(x, t, cond)
+    dtype = jnp.dtype(self.dtype)
+    res_block = layers.maybe_remat(ResBlock, self.remat, static_argnums=(3,))
+    attn_block = layers.maybe_remat(AttnBlock, self.remat)
+    transformer = layers.maybe_remat(SpatialTransformer, self.remat)
+    emb_dim = 4 * self.ch
+
+    features = self.ch * (2 if self.noise_embedding == 'fourier' else 1)  # NCSN++ / DDPM (score-SDE, EDM alike)
+    emb = layers.NoiseEmbedding(emb_dim, features, kind=self.noise_embedding, t_scale=self.t_scale,
+                                fourier_scale=self.fourier_scale, dtype=dtype, name='time_embed')(t)  # [B, 4ch]
+    if self.num_classes is not None:
+      emb = emb + layers.LabelEmbedding(self.num_classes, emb_dim, name='label_embed')(cond).astype(emb.dtype)
+    context = cond if self.context_dim is not None else None
+
+    def block(name: str, h: Array, width: int, kind: str = 'none') -> Array:
+      return res_block(width, dropout=self.dropout, num_groups=self.num_groups,
+                       scale_shift_norm=self.scale_shift_norm, skip_rescale=self.skip_rescale, resample=kind,
+                       resample_skip_conv=self.resample_skip_conv, dtype=dtype, name=name)(h, emb, train)
+
+    def attention(name: str, h: Array) -> Array:
+      if context is None:
+        return attn_block(self._heads(h.shape[-1]), num_groups=self.num_groups, skip_rescale=self.skip_rescale,
+                          dtype=dtype, name=name)(h)
+      if h.shape[-1] % self.context_heads:
+        raise ValueError(f'context_heads={self.context_heads} does not divide the width {h.shape[-1]}.')
+      return transformer(self.context_heads, depth=self.transformer_depth, num_groups=self.num_groups, dtype=dtype,
+                         name=name)(h, context)
+
+    levels = len(self.ch_mult)
+    h = layers.conv(self.ch * self.ch_mult[0], dtype=dtype, kernel_init=default_init, name='conv_in')(x)
+    skips = [h]
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = block(f'down_{level}_block_{i}', h, self.ch * mult)
+        if h.shape[1] in self.attn_resolutions:
+          h = attention(f'down_{level}_attn_{i}', h)
+        skips.append(h)
+      if level != levels - 1:
+        if self.resblock_updown:
+          h = block(f'down_{level}_resample', h, h.shape[-1], 'down')
+        else:
+          h = layers.conv(h.shape[-1], strides=2, dtype=dtype, kernel_init=default_init,
+                          name=f'down_{level}_resample')(h)
+        skips.append(h)
+
+    h = block('mid_block_0', h, h.shape[-1])
+    h = attention('mid_attn', h)
+    h = block('mid_block_1', h, h.shape[-1])
+
+    for level in reversed(range(levels)):
+      width = self.ch * self.ch_mult[level]
+      at_attn = h.shape[1] in self.attn_resolutions
+      for i in range(self.num_res_blocks + 1):
+        h = block(f'up_{level}_block_{i}', jnp.concatenate([h, skips.pop()], axis=-1), width)
+        if at_attn and (not self.up_attn_last_only or i == self.num_res_blocks):
+          h = attention(f'up_{level}_attn_{i}', h)
+      if level != 0:
+        if self.resblock_updown:
+          h = block(f'up_{level}_resample', h, width, 'up')
+        else:
+          h = layers.conv(width, dtype=dtype, kernel_init=default_init,
+                          name=f'up_{level}_resample')(upsample_nearest(h))
+
+    h = nn.silu(layers.group_norm(self.num_groups, name='norm_out')(h))
+    out_channels = (self.out_channels or x.shape[-1]) * (2 if self.learn_sigma else 1)
+    h = layers.conv(out_channels, dtype=dtype, kernel_init=layers.zeros, name='conv_out')(h)
+    return h.astype(jnp.float32)

@@ -1,0 +1,199 @@
+"""The training loop: wiring only (data -> sharded step -> metrics, samples, checkpoints), no maths.
+
+``train_and_evaluate(config, workdir)`` trains until ``train.num_steps``, resuming from the newest readable
+checkpoint in ``workdir/checkpoints``. Metrics of step ``n`` are read while step ``n + 1`` runs (nanodo), so
+the host never stalls the device; the non-finite check is therefore one step late, which is safe because a
+non-finite step leaves the state unchanged (:func:`train_state.make_train_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from diffax import evaluate, images, sharding, train_state
+from diffax.experiment import Experiment
+
+PEAK_FLOPS = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
+              'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100-SXM4-80GB': 312e12,
+              'NVIDIA A100-SXM4-40GB': 312e12}
+"""Dense bf16 peak FLOP/s per device by ``device_kind`` (vendor data sheets), for the MFU estimate."""
+
+
+def _peak_flops(config: ml_collections.ConfigDict) -> float:
+  return config.train.peak_flops_per_device or PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
+
+
+class _Preempted:
+  """Records a SIGTERM (single-process pre-emption); multi-host runs use JAX's pre-emption sync service."""
+
+  def __init__(self):
+    self.signalled = False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.signalled = True
+
+
+def _write_samples(exp: Experiment, sampler, params, step: int, writer) -> np.ndarray:
+  rng = jax.random.fold_in(jax.random.PRNGKey(exp.config.sample.seed), step)
+  samples, _ = sampler(params, rng, exp.grid_labels(exp.config.sample.num_samples))
+  samples = np.asarray(multihost_utils.process_allgather(samples, tiled=True))
+  grid = images.grid(images.to_uint8(samples), columns=max(exp.config.data.num_classes, 0) or None)
+  writer.write_images(step, {'samples': grid[None]})
+  if jax.process_index() == 0:
+    images.save_png(exp.workdir / 'samples' / f'step_{step:08d}.png', grid, scale=4)
+  return samples
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
+  """Trains (resuming if possible) and returns the final state; see the module docstring."""
+  preempted = _Preempted()
+  exp = Experiment(config, workdir)
+  c = config.train
+  writer = metric_writers.create_default_writer(str(exp.workdir), just_logging=jax.process_index() > 0)
+  iterator = exp.data_iterator()
+  state = exp.restore_or_init(iterator)
+  start = int(state.step)
+  if start == 0:
+    writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  step_fn = train_state.make_train_step(exp.loss_fn, exp.optimizer, ema_decays=tuple(c.ema_decays),
+                                        ema_warmup=c.ema_warmup,
+                                        edges=train_state.log_snr_edges(exp.schedule, c.loss_buckets))
+  jitted = jax.jit(step_fn, in_shardings=(exp.state_shardings, batch_sharding),
+                   out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)), donate_argnums=0)
+  sampler = exp.make_sampler(config.sample.num_samples)
+  report = periodic_actions.ReportProgress(num_train_steps=c.num_steps, writer=writer,
+                                           every_steps=c.log_every)
+
+  compiled, flops_per_step, evaluator = None, 0.0, None
+  pending: tuple[int, dict] | None = None
+  window: list[dict] = []
+  host_seconds, window_start = 0.0, time.perf_counter()
+  for step in range(start, c.num_steps):
+    t0 = time.perf_counter()
+    batch = sharding.global_batch(exp.model_batch(next(iterator)), exp.mesh)
+    host_seconds += time.perf_counter() - t0
+    if compiled is None:
+      compiled = jitted.lower(state, batch).compile()
+      flops_per_step = float((compiled.cost_analysis() or {}).get('flops', 0.0))
+      window_start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    if pending is not None:
+      _check_finite(pending, config, exp)
+      window.append(pending[1])
+    pending = (step, metrics)
+    done = step + 1
+    report(done)
+    if done % c.log_every == 0:
+      window.append(pending[1])
+      _check_finite(pending, config, exp)
+      pending = None
+      elapsed = time.perf_counter() - window_start
+      _write_train_metrics(writer, done, window, exp, elapsed=elapsed, host_seconds=host_seconds,
+                           flops_per_step=flops_per_step)
+      window, host_seconds, window_start = [], 0.0, time.perf_counter()
+    stop = preempted.signalled or exp.checkpointer.reached_preemption(done)
+    if done % c.checkpoint_every == 0 or done == c.num_steps or stop:
+      exp.checkpointer.save(done, state, iterator)
+    if c.sample_every and done % c.sample_every == 0 and done != c.num_steps:
+      _write_samples(exp, sampler, exp.sample_params(state), done, writer)
+    if c.eval_every and done % c.eval_every == 0:
+      evaluator = evaluator or evaluate.make_evaluator(config)
+      evaluator.reset()
+      results = evaluate.generate_and_evaluate(exp, exp.sample_params(state), evaluator,
+                                               num_samples=config.eval.num_samples_train, seed=config.sample.seed + 1)
+      evaluate.write_results(exp, writer, done, *results)
+    if stop:
+      logging.warning('Pre-empted at step %d; the checkpoint is being finalised.', done)
+      break
+  if pending is not None:
+    _check_finite(pending, config, exp)
+  if int(state.step) == c.num_steps:
+    _write_samples(exp, sampler, exp.sample_params(state), c.num_steps, writer)
+  exp.checkpointer.wait_until_finished()
+  writer.flush()
+  return state
+
+
+def _check_finite(pending: tuple[int, dict], config, exp: Experiment) -> None:
+  step, metrics = pending
+  if int(metrics['finite']):
+    return
+  if config.train.nan_policy == 'skip':
+    logging.warning('Non-finite loss or gradient at step %d: update skipped (train.nan_policy=skip).', step + 1)
+    return
+  exp.checkpointer.wait_until_finished()
+  kept = exp.checkpointer.all_steps()
+  raise FloatingPointError(
+      f'Non-finite loss or gradient at step {step + 1} (loss={float(metrics["loss"])}, grad_norm='
+      f'{float(metrics["grad_norm"])}). Training stopped; the checkpoints in {exp.checkpointer.directory} '
+      f'(steps {kept}) are untouched and the run resumes from step {kept[-1] if kept else 0}. Lower '
+      'optim.learning_rate, check the data, or set train.nan_policy=skip to drop such updates.')
+
+
+def _write_train_metrics(writer, step: int, window: list[dict], exp: Experiment, *, elapsed: float,
+                         host_seconds: float, flops_per_step: float) -> None:
+  fetched = jax.device_get(window)
+  c = exp.config
+  steps = len(fetched)
+  sums = np.sum([m['loss_bucket_sums'] for m in fetched], axis=0)
+  counts = np.sum([m['loss_bucket_counts'] for m in fetched], axis=0)
+  scalars = {
+      'train/loss': float(np.mean([m['loss'] for m in fetched])),
+      'train/grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
+      'train/learning_rate': float(exp.lr_schedule(max(step - 1, 0) // c.optim.grad_accum_steps)),
+      'train/skipped_updates': float(np.sum([1 - m['finite'] for m in fetched])),
+      'perf/steps_per_second': steps / elapsed,
+      'perf/images_per_second': steps * c.train.batch_size / elapsed,
+      'perf/host_ms_per_step': 1e3 * host_seconds / steps,
+  }
+  for k, (total, count) in enumerate(zip(sums, counts)):
+    if count:
+      scalars[f'train/loss_bucket_{k}'] = float(total / count)
+  peak = _peak_flops(c)
+  if peak and flops_per_step:
+    scalars['perf/mfu'] = flops_per_step * steps / elapsed / (peak * exp.mesh.size)
+  writer.write_scalars(step, scalars)
+
+
+def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      flat.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      flat[f'{prefix}{k}'] = v
+  return flat
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
+  """``--mode sample``: ``sample.num_samples`` images from the latest checkpoint -> .npz and a PNG grid."""
+  exp = Experiment(config, workdir)
+  if not exp.checkpointer.all_steps():
+    raise FileNotFoundError(f'No checkpoint in {exp.checkpointer.directory}; train first (--mode train).')
+  state = exp.restore_or_init()
+  step = int(state.step)
+  writer = metric_writers.create_default_writer(str(exp.workdir), just_logging=jax.process_index() > 0)
+  samples = _write_samples(exp, exp.make_sampler(config.sample.num_samples), exp.sample_params(state), step, writer)
+  labels = np.asarray(multihost_utils.process_allgather(exp.grid_labels(config.sample.num_samples), tiled=True))
+  if jax.process_index() == 0:
+    path = exp.workdir / 'samples' / f'samples_step_{step:08d}.npz'
+    with path.open('wb') as f:
+      np.savez(f, images=images.to_uint8(samples), labels=labels)
+    logging.info('Wrote %d samples to %s.', len(samples), path)
+  writer.flush()
+  return samples

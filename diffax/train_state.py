@@ -1,0 +1,126 @@
+"""The one training-state pytree, its sharded creation, and the train step.
+
+``TrainState(step, params, ema_params, opt_state, rng)`` holds everything a resumed run needs besides the
+data position. Creation is abstract first (nanodo / big_vision): ``jax.eval_shape`` of the init gives the
+logical axis names of every parameter and optimizer moment, :func:`sharding.tree_shardings` turns them into
+shardings, and the real init is jitted with those ``out_shardings`` so no device ever holds a full copy of a
+sharded model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffax import sharding
+from diffax.diffusion.schedules import Schedule
+
+Array = jax.Array
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """``step`` [] int32 (train steps = micro-batches); ``ema_params``: one copy per decay; ``rng``: uint32 [2]."""
+  step: Array
+  params: Any
+  ema_params: tuple[Any, ...]
+  opt_state: Any
+  rng: Array
+
+
+def _init_fn(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation,
+             num_ema: int) -> Callable[[Array], TrainState]:
+
+  def init(seed_key):
+    rng_params, rng_train = jax.random.split(seed_key)
+    params = init_params(rng_params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=(params,) * num_ema,
+                      opt_state=optimizer.init(params), rng=rng_train)
+
+  return init
+
+
+def abstract_state(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation, *, seed: int,
+                   num_ema: int, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, str]]) -> tuple[TrainState, Any]:
+  """``(abstract_state, shardings)``: ShapeDtypeStructs carrying their shardings, computed without allocating.
+
+  Args:
+    init_params: ``rng -> params`` as returned by a Linen ``init`` (boxed with logical names).
+    optimizer: the optax transformation whose state is created for the parameters.
+    seed: the run's seed; parameters and the training rng stream are derived from it.
+    num_ema: number of EMA copies (one per decay), initialised to the parameters.
+    mesh, rules: see :func:`sharding.tree_shardings`.
+  """
+  boxed = jax.eval_shape(_init_fn(init_params, optimizer, num_ema), jax.random.PRNGKey(seed))
+  shardings = sharding.tree_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+                          shardings)
+  return abstract, shardings
+
+
+def create(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation, *, seed: int,
+           num_ema: int, shardings: Any) -> TrainState:
+  """The initial state, initialised directly into ``shardings`` (from :func:`abstract_state`)."""
+  init = _init_fn(init_params, optimizer, num_ema)
+  return jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
+def ema_decay(decay: float, step: Array, *, warmup: bool) -> Array:
+  """``min(decay, (1 + n) / (10 + n))`` with warm-up (TF's ExponentialMovingAverage ``num_updates``)."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  n = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def _bucket_stats(per_example: Array, log_snr: Array, edges: Array) -> tuple[Array, Array]:
+  """Per-bucket sums and counts of ``per_example`` [B] over log-SNR ``edges`` [K+1] (descending)."""
+  index = jnp.clip(jnp.searchsorted(-edges, -log_snr) - 1, 0, edges.shape[0] - 2)  # [B]
+  one_hot = jax.nn.one_hot(index, edges.shape[0] - 1, dtype=jnp.float32)  # [B, K]
+  return one_hot.T @ per_example.astype(jnp.float32), jnp.sum(one_hot, axis=0)
+
+
+def log_snr_edges(schedule: Schedule, num_buckets: int) -> Array:
+  """[K+1] descending log-SNR edges splitting ``[t_min, t_max]`` into equal-width log-SNR bins."""
+  hi, lo = schedule.log_snr(jnp.float32(schedule.t_min)), schedule.log_snr(jnp.float32(schedule.t_max))
+  return jnp.linspace(hi, lo, num_buckets + 1)
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, ema_decays: Sequence[float],
+                    ema_warmup: bool, edges: Array) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """``train_step(state, batch) -> (state, metrics)``; jit it once with shardings and ``donate_argnums=0``.
+
+  The step's rng is ``fold_in(state.rng, state.step)``, so a resumed run draws exactly the noise an
+  uninterrupted one would. A non-finite loss or gradient leaves params, EMA and optimizer state unchanged
+  (``metrics['finite'] = 0``); the trainer then stops or skips by policy. EMA follows the parameters after
+  every optimizer update (with gradient accumulation, only on the micro-step that applies the update).
+  """
+  accumulate = isinstance(optimizer, optax.MultiSteps)
+
+  def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Array]]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    applied = (opt_state.mini_step == 0) if accumulate else jnp.bool_(True)
+    ema_params = tuple(
+        jax.tree.map(lambda e, p, d=ema_decay(decay, state.step, warmup=ema_warmup): d * e + (1.0 - d) * p,
+                     ema, params) for decay, ema in zip(ema_decays, state.ema_params))
+    ema_params = jax.tree.map(lambda new, old: jnp.where(applied, new, old), ema_params, state.ema_params)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              ema_params=keep(ema_params, state.ema_params),
+                              opt_state=keep(opt_state, state.opt_state))
+    bucket_sums, bucket_counts = _bucket_stats(aux['loss'], aux['log_snr'], edges)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite.astype(jnp.int32),
+               'loss_bucket_sums': bucket_sums, 'loss_bucket_counts': bucket_counts}
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,67 @@
+"""Running the real ``python -m diffax.main`` in subprocesses, and reading back what a run left in its workdir."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DIGITS_TEST = f'{REPO}/configs/digits.py:test'
+
+
+def main_command(workdir, *overrides: str, mode: str = 'train', config: str = DIGITS_TEST) -> list[str]:
+  return [sys.executable, '-m', 'diffax.main', f'--config={config}', f'--workdir={workdir}', f'--mode={mode}',
+          *(f'--config.{o}' for o in overrides)]
+
+
+def env_with(devices: int = 1, **extra: str) -> dict[str, str]:
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env.update(extra)
+  return env
+
+
+def run_main(workdir, *overrides: str, mode: str = 'train', devices: int = 1, timeout: float = 600,
+             check: bool = True) -> subprocess.CompletedProcess:
+  proc = subprocess.run(main_command(workdir, *overrides, mode=mode), env=env_with(devices), cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode:
+    raise AssertionError(f'main failed ({proc.returncode}):\n{proc.stderr[-6000:]}')
+  return proc
+
+
+def final_params(workdir, *overrides: str, step: int | None = None) -> tuple[int, np.ndarray]:
+  """``(step, all parameters flattened)`` of a workdir's newest (or ``step``) checkpoint, on this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffax import experiment  # pylint: disable=g-import-not-at-top
+
+  exp = experiment.Experiment(load_test_config(*overrides), workdir)
+  state = exp.checkpointer.restore(exp.abstract_state, step=step)
+  exp.checkpointer.close()
+  return int(state.step), np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)])
+
+
+def load_test_config(*overrides: str):
+  """The digits test config with ``key=value`` overrides applied as the command line would."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  spec = importlib.util.spec_from_file_location('digits_config', REPO / 'configs' / 'digits.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('test')
+  for override in overrides:
+    key, value = override.split('=', 1)
+    *path, leaf = key.split('.')
+    section = config
+    for part in path:
+      section = section[part]
+    try:
+      section[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      section[leaf] = value
+  return config
