@@ -1,6 +1,8 @@
 """Trainer pieces in-process: config checks, optimizer schedule, EMA, loss buckets, sharding rules, NaN policy,
 checkpoint fall-back, and that the digits default actually learns."""
 
+import shutil
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -147,15 +149,24 @@ def _mock_nan_loss(monkeypatch):
   monkeypatch.setattr(components, 'build_loss', nan_loss)
 
 
-def test_nan_stops_with_the_step_named_and_keeps_checkpoints(tmp_path, monkeypatch):
-  config = trainer_runs.load_test_config('train.num_steps=2', 'train.checkpoint_every=2')
-  train.train_and_evaluate(config, str(tmp_path))
+@pytest.fixture(scope='module')
+def two_step_run(tmp_path_factory):
+  """A finished run of 4 steps with checkpoints at 2 and 4; tests copy it before changing it."""
+  workdir = tmp_path_factory.mktemp('two_step')
+  with jax.numpy_dtype_promotion('standard'):
+    train.train_and_evaluate(trainer_runs.load_test_config('train.num_steps=4', 'train.checkpoint_every=2',
+                                                           'train.sample_every=0'), str(workdir))
+  return workdir
+
+
+def test_nan_stops_with_the_step_named_and_keeps_checkpoints(tmp_path, monkeypatch, two_step_run):
+  shutil.copytree(two_step_run, tmp_path, dirs_exist_ok=True)
   _mock_nan_loss(monkeypatch)
-  config = trainer_runs.load_test_config('train.num_steps=6', 'train.checkpoint_every=2')
-  with pytest.raises(FloatingPointError, match='step 3') as error:
+  config = trainer_runs.load_test_config('train.num_steps=8', 'train.checkpoint_every=2')
+  with pytest.raises(FloatingPointError, match='step 5') as error:
     train.train_and_evaluate(config, str(tmp_path))
   assert 'nan_policy' in str(error.value)
-  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2']
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2', '4']
 
 
 def test_nan_skip_policy_leaves_the_parameters_unchanged(tmp_path, monkeypatch):
@@ -169,9 +180,9 @@ def test_nan_skip_policy_leaves_the_parameters_unchanged(tmp_path, monkeypatch):
   assert dict(events.read_scalars(tmp_path)['train/skipped_updates'])[2] == 2.0
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_is_kept(tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_and_is_kept(tmp_path, two_step_run):
+  shutil.copytree(two_step_run, tmp_path, dirs_exist_ok=True)
   config = trainer_runs.load_test_config('train.num_steps=4', 'train.checkpoint_every=2', 'train.sample_every=0')
-  train.train_and_evaluate(config, str(tmp_path))
   for f in (tmp_path / 'checkpoints' / '4' / 'state').rglob('*'):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b'corrupt')
