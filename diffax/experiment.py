@@ -25,6 +25,8 @@ class Experiment:
     config_lib.validate(config)
     self.config = config
     self.workdir = epath.Path(workdir)
+    if '://' not in str(workdir):
+      self.workdir = self.workdir.resolve()  # Orbax needs absolute local paths
     self.mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
     num_devices = self.mesh.size
     for key in ('train.batch_size', 'sample.num_samples', 'eval.batch_size'):

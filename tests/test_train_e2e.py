@@ -1,6 +1,7 @@
 """The real ``python -m diffax.main`` on the digits test config: outputs, exact resume, pre-emption, errors."""
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -16,7 +17,7 @@ import trainer_runs
 def trained(tmp_path_factory):
   """One finished 6-step run (checkpoints every 2 steps), shared by the tests that only read it."""
   workdir = tmp_path_factory.mktemp('digits')
-  trainer_runs.run_main(workdir, 'train.log_every=1')
+  trainer_runs.run_main(os.path.relpath(workdir, trainer_runs.REPO), 'train.log_every=1')  # relative, as users type
   return workdir
 
 
