@@ -50,15 +50,5 @@ def get_config(arg: str | None = None):
   c.eval.batch_size = 500
   c.eval.num_samples_train = 10_000
   if arg == 'runlocal':
-    c.model.preset = 'unet_tiny'
-    c.train.num_steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.train.sample_every = 0
-    c.train.eval_every = 0
-    c.optim.warmup_steps = 1
-    c.sample.num_samples = 8
-    c.sample.num_steps = 3
-    c.eval.batch_size = 8
+    config_lib.runlocal(c, preset='unet_tiny')
   return c

@@ -60,16 +60,5 @@ def get_config(arg: str | None = None):
     c.train.batch_size = 2048
     c.train.num_steps = 540_000
   if 'runlocal' in variant:
-    c.model.preset = 'dit_tiny' if 'dit' in variant else 'unet_tiny'
-    c.model.dtype = 'float32'
-    c.mesh.fsdp = 1
-    c.train.num_steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.train.sample_every = 0
-    c.train.eval_every = 0
-    c.sample.num_samples = 10
-    c.sample.num_steps = 3
-    c.eval.batch_size = 10
+    config_lib.runlocal(c, preset='dit_tiny' if 'dit' in variant else 'unet_tiny')
   return c

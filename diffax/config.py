@@ -116,6 +116,19 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def runlocal(c: ml_collections.ConfigDict, *, preset: str) -> ml_collections.ConfigDict:
+  """Shrinks a config to a CPU smoke run (big_vision's ``runlocal``): a tiny ``preset``, 4 steps of batch 8,
+  fp32, no sharding, checkpoints every 2 steps, no periodic sampling or evaluation, 8 three-step samples."""
+  c.model.preset = preset
+  c.model.dtype = 'float32'
+  c.mesh.fsdp = 1
+  c.train.update(num_steps=4, batch_size=8, log_every=2, checkpoint_every=2, sample_every=0, eval_every=0)
+  c.optim.warmup_steps = min(c.optim.warmup_steps, 1)
+  c.sample.update(num_samples=8, num_steps=3)
+  c.eval.batch_size = 8
+  return c
+
+
 def _choice(config: ml_collections.ConfigDict, key: str, allowed) -> None:
   value = config
   for part in key.split('.'):
