@@ -12,7 +12,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=False,
+                                accept_new_attributes=True)  # default_config() locks all but the keyword sections
 flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, metrics and samples.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'reference'], 'What to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -29,6 +30,8 @@ def _distributed_args() -> dict[str, object] | None:
     return dict(coordinator_address=env['JAX_COORDINATOR_ADDRESS'], num_processes=int(env['JAX_NUM_PROCESSES']),
                 process_id=int(env['JAX_PROCESS_ID']))
   if int(env.get('SLURM_NTASKS', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+    if env.get('SLURM_NTASKS_PER_NODE') == '1' and env.get('CUDA_VISIBLE_DEVICES'):  # one process for all local GPUs
+      return {'local_device_ids': list(range(len(env['CUDA_VISIBLE_DEVICES'].split(','))))}
     return {}
   return None
 
