@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from diffax import events
 import trainer_runs
 
 sys.path.insert(0, str(trainer_runs.REPO))
@@ -79,22 +78,6 @@ def test_local_forwards_sigterm():
   assert sorted(ready) == ['[p0] ready\n', '[p1] ready\n']
   proc.terminate()
   assert proc.wait(timeout=30) == 43  # each process's own SIGTERM handler ran
-
-
-def test_local_launcher_trains_two_processes(tmp_path):
-  """The real trainer as 2 processes x 2 CPU devices through the launcher's command line."""
-  command = trainer_runs.main_command(tmp_path, 'train.num_steps=2', 'train.checkpoint_every=2',
-                                      'train.log_every=1', 'train.sample_every=0')
-  proc = subprocess.run([sys.executable, str(trainer_runs.REPO / 'launch' / 'local.py'), '--num-processes', '2',
-                         '--devices-per-process', '2', '--', *command], cwd=trainer_runs.REPO,
-                        env=trainer_runs.env_with(1), capture_output=True, text=True, timeout=900, check=False)
-  assert proc.returncode == 0, proc.stdout[-6000:]
-  lines = proc.stdout.splitlines()
-  assert any(l.startswith('[p1] ') and 'Process 1 of 2, 2 local / 4 global devices' in l for l in lines)
-  assert any(l.startswith('[p0] ') and 'Process 0 of 2, 2 local / 4 global devices' in l for l in lines)
-  assert all(l.startswith(('[p0] ', '[p1] ')) for l in lines)
-  assert [s for s, _ in events.read_scalars(str(tmp_path))['train/loss']] == [1, 2]
-  assert (tmp_path / 'checkpoints' / '2').is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------- slurm

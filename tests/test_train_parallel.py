@@ -5,8 +5,8 @@ to float32 round-off and parameters after a few Adam steps to a small multiple o
 on a round-off-sized gradient difference.
 """
 
-import socket
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,12 +15,6 @@ from diffax import events
 import trainer_runs
 
 OVERRIDES = ('train.num_steps=4', 'train.checkpoint_every=4', 'train.log_every=1', 'train.sample_every=0')
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
@@ -48,17 +42,15 @@ def test_eight_devices_equal_one(single_device, tmp_path):
 
 
 def test_two_processes_with_fsdp_equal_one(single_device, tmp_path):
-  """2 processes x 2 devices through jax.distributed, as a 2-way data x 2-way FSDP mesh: parameters and optimizer
-  state are split across the processes by the logical-axis rules, checkpoints are written by both."""
-  address = f'localhost:{_free_port()}'
-  procs = [
-      subprocess.Popen(trainer_runs.main_command(tmp_path, *OVERRIDES, 'mesh.fsdp=2'), cwd=trainer_runs.REPO,
-                       env=trainer_runs.env_with(2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
-                                                 JAX_PROCESS_ID=str(i)),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)
-  ]
-  for proc in procs:
-    _, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stderr[-4000:]
-  assert 'Process 1 of 2, 2 local / 4 global devices' in stderr
+  """2 processes x 2 devices started by ``launch/local.py`` (jax.distributed from its environment), on a 2-way
+  data x 2-way FSDP mesh: parameters and optimizer state are split across processes by the logical-axis rules."""
+  command = trainer_runs.main_command(tmp_path, *OVERRIDES, 'mesh.fsdp=2')
+  proc = subprocess.run([sys.executable, str(trainer_runs.REPO / 'launch' / 'local.py'), '--num-processes', '2',
+                         '--devices-per-process', '2', '--', *command], cwd=trainer_runs.REPO,
+                        env=trainer_runs.env_with(1), capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-6000:]
+  lines = proc.stdout.splitlines()
+  for p in (0, 1):
+    assert any(l.startswith(f'[p{p}] ') and f'Process {p} of 2, 2 local / 4 global devices' in l for l in lines)
+  assert all(l.startswith(('[p0] ', '[p1] ')) for l in lines)
   _assert_same_training(tmp_path, single_device)
