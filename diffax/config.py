@@ -4,10 +4,10 @@ Experiment files in ``configs/`` start from :func:`default_config` and change va
 where it is written (the returned ConfigDict is locked) and every override from the command line
 (``--config.optim.learning_rate=1e-4``) is type-checked by ml_collections. Three sections hold keyword
 arguments for library objects and are open: ``model.overrides`` (fields of the backbone), ``diffusion.
-schedule_kwargs`` and ``sample.kwargs``; :func:`validate` builds those objects once and names the key when a
-keyword is unknown or has the wrong type. Command-line overrides can change keys that exist, so a config file
-that wants an open keyword swept from the command line sets it first. Sections follow score_sde / VDM: ``data / model / diffusion / optim /
-train / sample / eval / mesh``.
+schedule_kwargs`` and ``sample.kwargs``; the command line may add keys there (``--config.sample.kwargs.eta=1``),
+and :func:`validate` / :mod:`diffax.components` build those objects once and name the key when a keyword is
+unknown or has the wrong type. Sections follow score_sde / VDM: ``data / model / diffusion / optim / train /
+sample / eval / mesh``.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Ev
   metrics = evaluator.result()
   c = exp.config
   protocol = {
-      'num_samples': num_samples, 'seed': seed, 'sampler': c.sample.sampler, 'sampler_kwargs': c.sample.kwargs.to_dict(),
+      'num_samples': num_samples, 'seed': seed, 'sampler': c.sample.sampler,
+      'sampler_kwargs': c.sample.kwargs.to_dict(),
       'num_steps': c.sample.num_steps, 'nfe': int(nfe), 'guidance_scale': c.sample.guidance_scale,
       'clip_x0': c.sample.clip_x0, 'spacing': c.sample.spacing or 'default',
       'ema_decay': tuple(c.train.ema_decays)[components.ema_index(c)], 'schedule': c.diffusion.schedule,

@@ -45,7 +45,8 @@ def test_configs_validate_and_build_their_models(name, arg, shape, params_m):
 @pytest.mark.parametrize('name, arg', [('cifar10_ddpm', 'runlocal'), ('imagenet64', 'runlocal')])
 def test_runlocal_trains_on_mock_tfds_data(name, arg, tmp_path):
   config = load(name, arg)
-  with jax.numpy_dtype_promotion('standard'), tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+  mock = tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE)
+  with jax.numpy_dtype_promotion('standard'), mock:
     train.train_and_evaluate(config, str(tmp_path))
   losses = dict(events.read_scalars(tmp_path)['train/loss'])
   assert sorted(losses) == [2, 4] and all(0 < v < 10 for v in losses.values())

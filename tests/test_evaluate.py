@@ -20,7 +20,8 @@ import trainer_runs
 @pytest.fixture(scope='module')
 def weights_path(tmp_path_factory):
   path = tmp_path_factory.mktemp('inception') / 'fid_inception.npz'
-  arrays = convert_inception.state_dict_to_arrays(test_inception._torch_state_dict())  # pylint: disable=protected-access
+  state_dict = test_inception._torch_state_dict()  # pylint: disable=protected-access
+  arrays = convert_inception.state_dict_to_arrays(state_dict)
   inception_weights.save_inception_npz(path, arrays, source_sha256=inception_weights.PTH_SHA256)
   return str(path)
 
