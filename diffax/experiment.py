@@ -49,6 +49,7 @@ class Experiment:
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', keep=config.train.keep_checkpoints,
                                                 keep_period=config.train.keep_period,
                                                 async_checkpointing=config.train.async_checkpointing)
+    self._samplers = {}
 
   def example_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     x = jnp.zeros((batch_size, *self.image_shape), jnp.float32)
@@ -82,18 +83,27 @@ class Experiment:
     return state.ema_params[components.ema_index(self.config)]
 
   def make_sampler(self, batch_size: int):
-    """Jitted ``(params, rng, labels) -> (samples [batch_size, H, W, C] sharded over the batch axes, nfe)``."""
-    labels_sharding = sharding.batch_sharding(self.mesh)
-    params_sharding = self.state_shardings.params
-    conditional = bool(self.config.data.num_classes)
-    shape = (batch_size, *self.image_shape)
+    """Compiled ``(params, rng, labels) -> (samples [batch_size, H, W, C] sharded over the batch axes, nfe)``.
 
-    def run(params, rng, labels):
-      out = self.sample_fn(params, rng, labels if conditional else None, shape)
-      return out.samples, out.nfe
+    Compiled once per batch size (on every process together, see :func:`sharding.compile_on_all_processes`).
+    """
+    if batch_size not in self._samplers:
+      labels_sharding = sharding.batch_sharding(self.mesh)
+      conditional = bool(self.config.data.num_classes)
+      shape = (batch_size, *self.image_shape)
 
-    return jax.jit(run, in_shardings=(params_sharding, sharding.replicated(self.mesh), labels_sharding),
-                   out_shardings=(labels_sharding, sharding.replicated(self.mesh)))
+      def run(params, rng, labels):
+        out = self.sample_fn(params, rng, labels if conditional else None, shape)
+        return out.samples, out.nfe
+
+      jitted = jax.jit(run, in_shardings=(self.state_shardings.params, sharding.replicated(self.mesh),
+                                          labels_sharding),
+                       out_shardings=(labels_sharding, sharding.replicated(self.mesh)))
+      rng = jax.eval_shape(jax.random.PRNGKey, 0)
+      labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+      self._samplers[batch_size] = sharding.compile_on_all_processes(
+          jitted, self.abstract_state.params, rng, labels, name=f'sampler_{batch_size}')
+    return self._samplers[batch_size]
 
   def grid_labels(self, n: int) -> jax.Array:
     """Labels of a sample grid: classes cycle along rows (column j shows class j mod num_classes)."""

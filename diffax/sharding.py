@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from orbax.checkpoint import multihost
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = MESH_AXES  # the batch dimension is split over every device
@@ -73,3 +74,21 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   """This process's rows of the batch -> global arrays sharded over the batch axes (every process calls it)."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+COMPILE_BARRIER_TIMEOUT_S = 3600
+
+
+def compile_on_all_processes(jitted: Any, *args: Any, name: str) -> Any:
+  """``jitted`` compiled for ``args`` (arrays or ``ShapeDtypeStruct``s), returned once every process has compiled it.
+
+  The first run of a program sets up the communicators of its cross-process collectives, and on CPU (gloo)
+  that set-up waits only 30 s for the other processes, while compile times of the same program differ by more
+  than that between busy hosts. So every process waits here, at a coordination-service barrier (not a
+  collective), until all have compiled, and the first run starts together. ``name`` must be unique per run.
+  """
+  compiled = jitted.lower(*args).compile()
+  if jax.process_count() > 1:
+    multihost.sync_global_processes(f'diffax_compiled_{name}', timeout=COMPILE_BARRIER_TIMEOUT_S,
+                                    processes=set(range(jax.process_count())))
+  return compiled

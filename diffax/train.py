@@ -88,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     batch = sharding.global_batch(exp.model_batch(next(iterator)), exp.mesh)
     host_seconds += time.perf_counter() - t0
     if compiled is None:
-      compiled = jitted.lower(state, batch).compile()
+      compiled = sharding.compile_on_all_processes(jitted, state, batch, name='train_step')
       flops_per_step = float((compiled.cost_analysis() or {}).get('flops', 0.0))
       window_start = time.perf_counter()
     state, metrics = compiled(state, batch)

@@ -48,9 +48,35 @@ def test_two_processes_with_fsdp_equal_one(single_device, tmp_path):
   proc = subprocess.run([sys.executable, str(trainer_runs.REPO / 'launch' / 'local.py'), '--num-processes', '2',
                          '--devices-per-process', '2', '--', *command], cwd=trainer_runs.REPO,
                         env=trainer_runs.env_with(1), capture_output=True, text=True, timeout=900, check=False)
-  assert proc.returncode == 0, proc.stdout[-6000:]
+  assert proc.returncode == 0, trainer_runs.failure_excerpt(proc.stdout)
   lines = proc.stdout.splitlines()
   for p in (0, 1):
     assert any(l.startswith(f'[p{p}] ') and f'Process {p} of 2, 2 local / 4 global devices' in l for l in lines)
   assert all(l.startswith(('[p0] ', '[p1] ')) for l in lines)
   _assert_same_training(tmp_path, single_device)
+
+
+SKEWED_PROGRAM = '''
+import os, time
+import jax, numpy as np
+jax.distributed.initialize(os.environ['JAX_COORDINATOR_ADDRESS'], 2, int(os.environ['JAX_PROCESS_ID']))
+from diffax import sharding
+mesh = sharding.make_mesh(fsdp=2)
+x = sharding.global_batch(np.full((2,), 1.0 + jax.process_index(), np.float32), mesh)
+if jax.process_index() == 1:
+  time.sleep(40)  # a compile that takes 40 s longer than process 0's
+total = sharding.compile_on_all_processes(jax.jit(lambda x: x.sum()), x, name='skewed')(x)
+print('total', float(total))
+'''
+
+
+def test_compile_on_all_processes_survives_compile_skew(tmp_path):
+  """CPU (gloo) collectives give up after 30 s when one process starts a new program later than the others;
+  compiling through ``sharding.compile_on_all_processes`` lines the processes up before the first run."""
+  script = tmp_path / 'skewed.py'
+  script.write_text(SKEWED_PROGRAM)
+  proc = subprocess.run([sys.executable, str(trainer_runs.REPO / 'launch' / 'local.py'), '--num-processes', '2',
+                         '--devices-per-process', '2', '--', sys.executable, str(script)], cwd=trainer_runs.REPO,
+                        env=trainer_runs.env_with(1), capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, trainer_runs.failure_excerpt(proc.stdout)
+  assert sorted(l for l in proc.stdout.splitlines() if 'total' in l) == ['[p0] total 6.0', '[p1] total 6.0']

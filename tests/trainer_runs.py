@@ -35,8 +35,16 @@ def run_main(workdir, *overrides: str, mode: str = 'train', devices: int = 1, ti
   proc = subprocess.run(main_command(workdir, *overrides, mode=mode), env=env_with(devices), cwd=REPO,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode:
-    raise AssertionError(f'main failed ({proc.returncode}):\n{proc.stderr[-6000:]}')
+    raise AssertionError(f'main failed ({proc.returncode}):\n{failure_excerpt(proc.stderr)}')
   return proc
+
+
+def failure_excerpt(log: str, limit: int = 8000) -> str:
+  """The end of a failed run's log without the parts a native crash floods it with (loaded-module lists and
+  native stack frames), so the Python traceback and the first fatal message stay visible."""
+  noise = ('Extension modules:', '    @ ')
+  lines = [l for l in log.splitlines() if not any(n in l for n in noise)]
+  return '\n'.join(lines)[-limit:]
 
 
 def final_params(workdir, *overrides: str, step: int | None = None) -> tuple[int, np.ndarray]:
