@@ -19,7 +19,7 @@ run: $(BIN)/.installed
 	$(BIN)/python -m diffax.main --config configs/digits.py --workdir workdirs/digits
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV)

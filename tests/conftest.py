@@ -1,7 +1,9 @@
 """Test-wide JAX settings: strict dtype promotion and no implicit rank promotion, as library code must obey.
 
 Compiled programs are cached on disk (shared by the pytest workers and the trainer subprocesses they start), so
-the end-to-end tests that run the same tiny config several times compile it once.
+the end-to-end tests that run the same tiny config several times compile it once. XLA's backend optimisation is
+off (unless ``XLA_FLAGS`` sets it): the test programs are tiny, so compiling dominates, and level 0 compiles them
+several times faster; the tests check the maths, which every level must get right.
 """
 
 import os
@@ -11,6 +13,8 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettemp
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('DIFFAX_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'diffax-test-cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --xla_backend_optimization_level=0'.strip()
 
 import jax  # noqa: E402  (the cache settings above must precede the import)
 

@@ -86,7 +86,8 @@ def test_real_digits_score_high_accuracy_and_the_fd_of_numpy(classifier):
 def test_the_reference_set_scores_zero(classifier):
   x_test, y_test = digits.load_digits('test')
   metrics = score(classifier, unit(x_test), y_test)
-  assert abs(metrics['digits_fd']) < 1e-6
+  # Only float32 rounding separates the streamed features from the reference's (other real digits score ~3.6).
+  assert abs(metrics['digits_fd']) < 1e-5
   assert metrics['digits_accuracy'] == pytest.approx(classifier.test_accuracy)
 
 
