@@ -153,7 +153,7 @@ def trained(tmp_path_factory):
     proc = subprocess.run([sys.executable, str(trainer_runs.REPO / 'experiments' / 'sweep.py'), str(sweep_file),
                            '--root', str(root_dir), '--parallel', '1'], env=trainer_runs.env_with(1),
                           capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.returncode == 0, trainer_runs.failure_excerpt(proc.stdout + proc.stderr)
     return proc.stdout
 
   first = run(tmp / 'tiny.py', root)
