@@ -13,7 +13,7 @@ horizontal flips, 800k steps. Expect FID ~3.2 and IS ~9.5 with 1000-step ancestr
 ~4-5 with 100-step DDIM (Song et al. 2021, table 1). ``get_config('runlocal')`` shrinks it to a CPU smoke run.
 """
 
-from diffax import config as config_lib
+from diffax.trainer import config as config_lib
 
 
 def get_config(arg: str | None = None):

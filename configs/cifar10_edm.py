@@ -12,7 +12,7 @@ step at batch 512), horizontal flips (the paper's non-leaking augmentation is no
 (35 NFE), rho 7. Expect FID ~2.0 unconditional / ~1.8 conditional (paper: 1.97 / 1.79, with augmentation).
 """
 
-from diffax import config as config_lib
+from diffax.trainer import config as config_lib
 
 
 def get_config(arg: str | None = None):

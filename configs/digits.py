@@ -26,7 +26,7 @@ eps) / alpha_t amplifies its errors by 1 / alpha_t; guidance 1.5 buys the accura
 ``get_config('test')`` shrinks everything to a few steps for tests.
 """
 
-from diffax import config as config_lib
+from diffax.trainer import config as config_lib
 
 
 def get_config(arg: str | None = None):

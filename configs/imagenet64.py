@@ -16,7 +16,7 @@ Expect FID ~2.1 at 250 ancestral steps without guidance for ADM (paper: 2.07); D
 within ~0.5 of that.
 """
 
-from diffax import config as config_lib
+from diffax.trainer import config as config_lib
 
 
 def get_config(arg: str | None = None):

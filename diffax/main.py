@@ -53,7 +53,7 @@ def main(argv):
     jax.distributed.initialize(**distributed)
   logging.info('Process %d of %d, %d local / %d global devices.', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  from diffax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from diffax.trainer import evaluate, train  # pylint: disable=g-import-not-at-top
 
   run = {'train': train.train_and_evaluate, 'sample': train.sample, 'eval': evaluate.evaluate,
          'reference': evaluate.reference_stats}[FLAGS.mode]

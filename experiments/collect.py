@@ -5,7 +5,7 @@
 
 A run is a directory with ``run.json`` (written by ``experiments/sweep.py``) or TensorBoard event files; a
 directory without either is searched one level down. Scalars come from the CLU event files
-(``diffax.events.read_scalars``); evaluation metrics come from ``eval/step_<n>_<sampling>.json`` where it exists
+(``diffax.trainer.events.read_scalars``); evaluation metrics come from ``eval/step_<n>_<sampling>.json`` where it exists
 (full precision, plus the protocol's ``nfe``), else from the ``eval/*`` events. A workdir evaluated under
 several sampling settings gives one row per setting (its ``sampling`` column tells them apart).
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from diffax import events
+from diffax.trainer import events
 
 HIGHER_IS_BETTER = ('accuracy', 'confidence', 'inception_score', 'precision', 'recall')
 

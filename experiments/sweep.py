@@ -18,7 +18,7 @@ and this script runs it, from the repository root::
 Every run gets the workdir ``<root>/<run name>``, named from its own overrides (``schedule=linear,prediction=eps``:
 the last part of each key, or the whole key where two would clash), holding ``run.json`` (config, overrides,
 commands) and ``log.txt`` (stdout and stderr of every attempt). All overrides are checked before anything starts,
-exactly as ``python -m diffax.main`` parses ``--config.KEY=VALUE`` followed by ``diffax.config.validate``, so a
+exactly as ``python -m diffax.main`` parses ``--config.KEY=VALUE`` followed by ``diffax.trainer.config.validate``, so a
 misspelt key fails at once with the key named. Paths in a sweep file (``config``, ``source``) are relative to
 the repository root; commands run there.
 
@@ -266,7 +266,7 @@ def _leaves(config, prefix: str = '') -> list[str]:
 
 def validate(sweep: Sweep, runs: Sequence[Run]) -> dict[str, int]:
   """Checks every command of every run like the trainer would; returns each run's ``train.num_steps``."""
-  from diffax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from diffax.trainer import config as config_lib  # pylint: disable=g-import-not-at-top
 
   base = parse_config(sweep.config, {})
   leaves = _leaves(base)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 import tensorflow_datasets as tfds
 
-from diffax import components, config as config_lib, events, train
+from diffax.trainer import components, config as config_lib, events, train
 import trainer_runs
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from diffax import evaluate
+from diffax.trainer import evaluate
 from diffax.data import pipeline, sources
 from diffax.evaluation import convert_inception, evaluators, inception, inception_weights, stats
 import test_inception

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from diffax import events
+from diffax.trainer import events
 import trainer_runs
 
 sys.path.insert(0, str(trainer_runs.REPO / 'experiments'))

@@ -11,7 +11,8 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from diffax import components, config as config_lib, events, experiment, optim, sharding, train, train_state
+from diffax.trainer import components, config as config_lib, events, experiment, optim, sharding, train
+from diffax.trainer import train_step
 from diffax.diffusion import schedules
 import trainer_runs
 
@@ -96,19 +97,19 @@ def test_gradient_accumulation_equals_the_big_batch():
 
 
 def test_ema_warmup_follows_the_formula():
-  decays = [float(train_state.ema_decay(0.9999, jnp.int32(n), warmup=True)) for n in (0, 1, 10, 10**6)]
+  decays = [float(train_step.ema_decay(0.9999, jnp.int32(n), warmup=True)) for n in (0, 1, 10, 10**6)]
   np.testing.assert_allclose(decays, [1 / 10, 2 / 11, 11 / 20, 0.9999], rtol=1e-6)
-  assert float(train_state.ema_decay(0.99, jnp.int32(0), warmup=False)) == pytest.approx(0.99)
+  assert float(train_step.ema_decay(0.99, jnp.int32(0), warmup=False)) == pytest.approx(0.99)
 
 
 def test_loss_buckets_match_numpy_histogram():
   schedule = schedules.CosineSchedule()
-  edges = train_state.log_snr_edges(schedule, 4)
+  edges = train_step.log_snr_edges(schedule, 4)
   rng = np.random.default_rng(0)
   t = rng.uniform(schedule.t_min, schedule.t_max, 256).astype(np.float32)
   loss = rng.uniform(0, 1, 256).astype(np.float32)
   log_snr = np.asarray(schedule.log_snr(jnp.asarray(t)))
-  sums, counts = train_state._bucket_stats(jnp.asarray(loss), jnp.asarray(log_snr), edges)
+  sums, counts = train_step._bucket_stats(jnp.asarray(loss), jnp.asarray(log_snr), edges)
   index = np.clip(np.digitize(log_snr, np.asarray(edges)[::-1]), 1, 4)  # ascending bins of log-SNR
   expected_counts = np.array([np.sum(index == 4 - k) for k in range(4)])  # bucket 0 = highest log-SNR
   expected_sums = np.array([np.sum(loss[index == 4 - k]) for k in range(4)])

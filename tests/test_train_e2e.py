@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from diffax import events
+from diffax.trainer import events
 import trainer_runs
 
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from diffax import events
+from diffax.trainer import events
 import trainer_runs
 
 OVERRIDES = ('train.num_steps=4', 'train.checkpoint_every=4', 'train.log_every=1', 'train.sample_every=0')
@@ -60,7 +60,7 @@ SKEWED_PROGRAM = '''
 import os, time
 import jax, numpy as np
 jax.distributed.initialize(os.environ['JAX_COORDINATOR_ADDRESS'], 2, int(os.environ['JAX_PROCESS_ID']))
-from diffax import sharding
+from diffax.trainer import sharding
 mesh = sharding.make_mesh(fsdp=2)
 x = sharding.global_batch(np.full((2,), 1.0 + jax.process_index(), np.float32), mesh)
 if jax.process_index() == 1:

@@ -50,7 +50,7 @@ def failure_excerpt(log: str, limit: int = 8000) -> str:
 def final_params(workdir, *overrides: str, step: int | None = None) -> tuple[int, np.ndarray]:
   """``(step, all parameters flattened)`` of a workdir's newest (or ``step``) checkpoint, on this process."""
   import jax  # pylint: disable=g-import-not-at-top
-  from diffax import experiment  # pylint: disable=g-import-not-at-top
+  from diffax.trainer import experiment  # pylint: disable=g-import-not-at-top
 
   exp = experiment.Experiment(load_test_config(*overrides), workdir)
   state = exp.checkpointer.restore(exp.abstract_state, step=step)

@@ -20,10 +20,10 @@ import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
 
-from diffax import components, config as config_lib, sharding
+from diffax.trainer import components, config as config_lib, sharding
 from diffax.data.pipeline import make_iterator
 from diffax.evaluation import evaluators, stats
-from diffax.experiment import Experiment
+from diffax.trainer.experiment import Experiment
 
 
 def make_evaluator(config: ml_collections.ConfigDict) -> evaluators.Evaluator:

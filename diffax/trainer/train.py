@@ -3,7 +3,7 @@
 ``train_and_evaluate(config, workdir)`` trains until ``train.num_steps``, resuming from the newest readable
 checkpoint in ``workdir/checkpoints``. Metrics of step ``n`` are read while step ``n + 1`` runs (nanodo), so
 the host never stalls the device; the non-finite check is therefore one step late, which is safe because a
-non-finite step leaves the state unchanged (:func:`train_state.make_train_step`).
+non-finite step leaves the state unchanged (:func:`train_step.make_train_step`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from diffax import evaluate, images, sharding, train_state
-from diffax.experiment import Experiment
+from diffax.trainer import evaluate, images, sharding, train_state, train_step
+from diffax.trainer.experiment import Experiment
 
 PEAK_FLOPS = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
               'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100-SXM4-80GB': 312e12,
@@ -70,9 +70,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
 
   batch_sharding = sharding.batch_sharding(exp.mesh)
-  step_fn = train_state.make_train_step(exp.loss_fn, exp.optimizer, ema_decays=tuple(c.ema_decays),
+  step_fn = train_step.make_train_step(exp.loss_fn, exp.optimizer, ema_decays=tuple(c.ema_decays),
                                         ema_warmup=c.ema_warmup,
-                                        edges=train_state.log_snr_edges(exp.schedule, c.loss_buckets))
+                                        edges=train_step.log_snr_edges(exp.schedule, c.loss_buckets))
   jitted = jax.jit(step_fn, in_shardings=(exp.state_shardings, batch_sharding),
                    out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)), donate_argnums=0)
   sampler = exp.make_sampler(config.sample.num_samples)

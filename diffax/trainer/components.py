@@ -2,7 +2,7 @@
 
 Everything past this boundary takes typed arguments. Keyword sections of the config (``model.overrides``,
 ``diffusion.schedule_kwargs``, ``sample.kwargs``) are checked here, so a wrong keyword fails at start with
-the key named (:class:`diffax.config.ConfigError`).
+the key named (:class:`diffax.trainer.config.ConfigError`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffax import models
-from diffax.config import ConfigError
+from diffax.trainer.config import ConfigError
 from diffax.diffusion import losses, parameterization, samplers, schedules
 
 Array = jax.Array

@@ -5,7 +5,7 @@ where it is written (the returned ConfigDict is locked) and every override from 
 (``--config.optim.learning_rate=1e-4``) is type-checked by ml_collections. Three sections hold keyword
 arguments for library objects and are open: ``model.overrides`` (fields of the backbone), ``diffusion.
 schedule_kwargs`` and ``sample.kwargs``; the command line may add keys there (``--config.sample.kwargs.eta=1``),
-and :func:`validate` / :mod:`diffax.components` build those objects once and name the key when a keyword is
+and :func:`validate` / :mod:`diffax.trainer.components` build those objects once and name the key when a keyword is
 unknown or has the wrong type. Sections follow score_sde / VDM: ``data / model / diffusion / optim / train /
 sample / eval / mesh``.
 """

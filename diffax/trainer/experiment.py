@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffax import checkpoint, components, config as config_lib, optim, sharding, train_state
+from diffax.trainer import checkpoint, components, config as config_lib, optim, sharding, train_state
 from diffax.data.pipeline import make_iterator
 from diffax.data.sources import get_source
 

@@ -1,10 +1,7 @@
-"""The one training-state pytree, its sharded creation, and the train step.
+"""The train step: one pure ``train_step(state, batch) -> (state, metrics)`` with the optimizer update, the EMA
+(with warm-up) and the non-finite guard inside, and the per-log-SNR loss breakdown it reports.
 
-``TrainState(step, params, ema_params, opt_state, rng)`` holds everything a resumed run needs besides the
-data position. Creation is abstract first (nanodo / big_vision): ``jax.eval_shape`` of the init gives the
-logical axis names of every parameter and optimizer moment, :func:`sharding.tree_shardings` turns them into
-shardings, and the real init is jitted with those ``out_shardings`` so no device ever holds a full copy of a
-sharded model.
+Jit it once with explicit shardings and ``donate_argnums=0`` (:mod:`diffax.trainer.train`).
 """
 
 from __future__ import annotations
@@ -12,62 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from diffax import sharding
 from diffax.diffusion.schedules import Schedule
+from diffax.trainer.train_state import TrainState
 
 Array = jax.Array
-
-
-class TrainState(flax.struct.PyTreeNode):
-  """``step`` [] int32 (train steps = micro-batches); ``ema_params``: one copy per decay; ``rng``: uint32 [2]."""
-  step: Array
-  params: Any
-  ema_params: tuple[Any, ...]
-  opt_state: Any
-  rng: Array
-
-
-def _init_fn(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation,
-             num_ema: int) -> Callable[[Array], TrainState]:
-
-  def init(seed_key):
-    rng_params, rng_train = jax.random.split(seed_key)
-    params = init_params(rng_params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=(params,) * num_ema,
-                      opt_state=optimizer.init(params), rng=rng_train)
-
-  return init
-
-
-def abstract_state(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation, *, seed: int,
-                   num_ema: int, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, str]]) -> tuple[TrainState, Any]:
-  """``(abstract_state, shardings)``: ShapeDtypeStructs carrying their shardings, computed without allocating.
-
-  Args:
-    init_params: ``rng -> params`` as returned by a Linen ``init`` (boxed with logical names).
-    optimizer: the optax transformation whose state is created for the parameters.
-    seed: the run's seed; parameters and the training rng stream are derived from it.
-    num_ema: number of EMA copies (one per decay), initialised to the parameters.
-    mesh, rules: see :func:`sharding.tree_shardings`.
-  """
-  boxed = jax.eval_shape(_init_fn(init_params, optimizer, num_ema), jax.random.PRNGKey(seed))
-  shardings = sharding.tree_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
-                          shardings)
-  return abstract, shardings
-
-
-def create(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation, *, seed: int,
-           num_ema: int, shardings: Any) -> TrainState:
-  """The initial state, initialised directly into ``shardings`` (from :func:`abstract_state`)."""
-  init = _init_fn(init_params, optimizer, num_ema)
-  return jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
 def ema_decay(decay: float, step: Array, *, warmup: bool) -> Array:
