@@ -23,7 +23,7 @@ Tuned by measurement on this 2-core CPU (1,000 samples each, DPM-Solver++(2M) 25
 
 v-prediction keeps x0 = alpha_t x_t - sigma_t v bounded at high noise, where an eps model's x0 = (x_t - sigma_t
 eps) / alpha_t amplifies its errors by 1 / alpha_t; guidance 1.5 buys the accuracy for a little diversity.
-``get_config('test')`` shrinks everything to a few steps for tests.
+``get_config('runlocal')`` shrinks everything to a few steps (a CPU smoke run, as the other configs' ``runlocal``).
 """
 
 from diffax.trainer import config as config_lib
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
   c.eval.num_samples = 1000
   c.eval.num_samples_train = 1000
   c.eval.batch_size = 100  # = sample.num_samples: one compiled sampler serves the grid and the evaluation
-  if arg == 'test':
+  if arg == 'runlocal':
     c.train.num_steps = 6
     c.train.batch_size = 16
     c.train.log_every = 2

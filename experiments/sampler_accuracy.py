@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from diffax.diffusion import schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import ancestral, ddim, dpm_solver, edm, ode, pc
 from diffax.testing import metrics, mixtures
 
@@ -52,10 +53,10 @@ def _entries() -> list[Entry]:
       Entry('ddim (trailing)', linear, 'eps', lambda n: n, lambda **kw: ddim.ddim_sample(spacing='trailing', **kw)),
       Entry('ddim (log-snr)', linear, 'eps', lambda n: n, lambda **kw: ddim.ddim_sample(spacing='log_snr', **kw)),
       Entry('pc (rev-diff + langevin)', vp, 'eps', lambda n: max((n - 1) // 2, 1), pc.pc_sample),
-      Entry('heun-ode (vp)', vp, 'eps', lambda n: max((n + 1) // 2, 1), ode.heun_ode_sample),
-      Entry('edm-heun', karras, 'edm', lambda n: max((n + 1) // 2, 2), edm.edm_sample),
+      Entry('heun-ode (vp)', vp, 'eps', lambda n: max((n + 1) // 2, 1), edm.edm_heun_sample),
+      Entry('edm-heun', karras, 'edm', lambda n: max((n + 1) // 2, 2), edm.edm_heun_sample),
       Entry('edm-heun churn=40', karras, 'edm', lambda n: max((n + 1) // 2, 2),
-            lambda **kw: edm.edm_sample(s_churn=40.0, s_min=0.05, s_max=50.0, s_noise=1.003, **kw)),
+            lambda **kw: edm.edm_heun_sample(s_churn=40.0, s_min=0.05, s_max=50.0, s_noise=1.003, **kw)),
       Entry('dpm-solver++(2m)', linear, 'eps', lambda n: n, dpm_solver.dpm_solver_sample),
       Entry('dpm-solver++(3m)', linear, 'eps', lambda n: n,
             lambda **kw: dpm_solver.dpm_solver_sample(order=3, **kw)),
@@ -87,18 +88,17 @@ def accuracy_table(mixture: mixtures.GaussianMixture, label: str, nfes: list[int
     print(rows[-1], flush=True)
 
   for entry in _entries():
-    model_fn = mixture.model_fn(entry.schedule, entry.prediction)
+    denoiser = mixture.denoiser(entry.schedule, entry.prediction)
     for nfe in nfes:
       if entry.name.startswith('ddpm') and nfe < 20:
         continue  # ancestral sampling is not a few-step sampler; its rows start at 20.
       fn = jax.jit(lambda rng, e=entry, s=entry.steps_for_nfe(nfe): e.run(
-          model_fn=model_fn, rng=rng, shape=(n, mixture.dim), schedule=e.schedule, prediction=e.prediction,
-          num_steps=s))
+          denoiser=denoiser, rng=rng, shape=(n, mixture.dim), num_steps=s))
       out, seconds = _timed(fn, jax.random.PRNGKey(0))
       add(entry.name, entry.schedule, out, seconds)
   vp = schedules.VPSDE()
-  fn = jax.jit(lambda rng: ode.adaptive_ode_sample(mixture.model_fn(vp, 'eps'), rng, (n, mixture.dim),
-                                                   schedule=vp, rtol=1e-5, atol=1e-5))
+  fn = jax.jit(lambda rng: ode.adaptive_ode_sample(mixture.denoiser(vp), rng, (n, mixture.dim), rtol=1e-5,
+                                                   atol=1e-5))
   out, seconds = _timed(fn, jax.random.PRNGKey(0))
   add('adaptive ode tsit5 (tol 1e-5)', vp, out, seconds)
   return rows
@@ -131,13 +131,13 @@ def overhead_table(num_steps: int = 50, batch: int = 256) -> list[str]:
   schedule = schedules.LinearSchedule()
   samplers = [('ddim', ddim.ddim_sample, schedule), ('ddpm-ancestral', ancestral.ancestral_sample, schedule),
               ('dpm-solver++(2m)', dpm_solver.dpm_solver_sample, schedule),
-              ('edm-heun', edm.edm_sample, schedules.EDM()), ('pc', pc.pc_sample, schedules.VPSDE())]
+              ('edm-heun', edm.edm_heun_sample, schedules.EDM()), ('pc', pc.pc_sample, schedules.VPSDE())]
   rows = [f'\n### Overhead: batch {batch}, 32x32x3, {num_steps} steps\n',
           '| sampler | NFE | sampler, trivial model (s) | bare trivial calls (s) | overhead per NFE (ms) | '
           'one MLP call (ms) | overhead / MLP call |', '|---|---:|---:|---:|---:|---:|---:|']
   x = jax.random.normal(jax.random.PRNGKey(1), shape)
   for name, sampler, sched in samplers:
-    fn = jax.jit(lambda rng, s=sampler, sc=sched: s(trivial, rng, shape, schedule=sc, num_steps=num_steps))
+    fn = jax.jit(lambda rng, s=sampler, sc=sched: s(Denoiser(trivial, sc), rng, shape, num_steps=num_steps))
     out, t_sampler = _timed(fn, jax.random.PRNGKey(0))
     nfe = int(out.nfe)
     _, t_bare = _timed(jax.jit(functools.partial(bare, trivial), static_argnums=1), x, nfe)

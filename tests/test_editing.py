@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffax.diffusion import schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import ancestral, editing
 from diffax.testing import metrics, mixtures
 
@@ -17,8 +18,8 @@ MODE_VAR = 0.01  # ring_mixture(std=0.1)
 
 def sdedit(t_start, x_input):
   """SDEdit with ancestral DDPM ('large' variance, every knot below t_start)."""
-  run = jax.jit(lambda rng, x: editing.sdedit(ancestral.ancestral_sample, RING.model_fn(LINEAR), rng, x,
-                                              schedule=LINEAR, t_start=t_start, variance='large'))
+  run = jax.jit(lambda rng, x: editing.sdedit(ancestral.ancestral_sample, RING.denoiser(LINEAR), rng, x,
+                                              t_start=t_start, variance='large'))
   return run(jax.random.PRNGKey(0), x_input)
 
 
@@ -83,8 +84,7 @@ def test_inpainting_keeps_known_pixels_and_samples_the_conditional():
   np.testing.assert_allclose(centres[active], [1.0, -1.0], atol=1e-6)
   x_known = jnp.zeros((N, 2), jnp.float32)
   mask = jnp.asarray([[1.0, 0.0]])
-  run = jax.jit(lambda rng: editing.inpaint(ancestral.ancestral_sample, RING.model_fn(LINEAR), rng, x_known, mask,
-                                            schedule=LINEAR))
+  run = jax.jit(lambda rng: editing.inpaint(ancestral.ancestral_sample, RING.denoiser(LINEAR), rng, x_known, mask))
   out = run(jax.random.PRNGKey(0))
   assert out.nfe == 1000
   np.testing.assert_array_equal(out.samples[:, 0], 0.0)

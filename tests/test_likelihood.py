@@ -18,6 +18,7 @@ import pytest
 from scipy import stats
 
 from diffax.diffusion import likelihood, schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.testing import mixtures
 
 RING = mixtures.ring_mixture()
@@ -47,9 +48,8 @@ def _ring_exact(name):
   """The ring points and their exact-divergence result through ``ode_bits_per_dim`` (continuous)."""
   schedule = SCHEDULES[name]
   x = _ring_points()
-  bpd, result = jax.jit(lambda x: likelihood.ode_bits_per_dim(RING.model_fn(schedule), jax.random.PRNGKey(1), x,
-                                                              schedule=schedule, hutchinson='exact',
-                                                              dequantize=False))(x)
+  bpd, result = jax.jit(lambda x: likelihood.ode_bits_per_dim(RING.denoiser(schedule), jax.random.PRNGKey(1), x,
+                                                              hutchinson='exact', dequantize=False))(x)
   return x, bpd, result
 
 
@@ -71,8 +71,8 @@ def _probe_mean(mixture, schedule, x, num_probes, hutchinson):
   """Mean and standard error [B] over ``num_probes`` Hutchinson estimates per point (one batched solve), and
   the latents [B]."""
   x_rep = jnp.repeat(x, num_probes, axis=0)
-  result = jax.jit(lambda x: likelihood.ode_log_likelihood(mixture.model_fn(schedule), jax.random.PRNGKey(2), x,
-                                                           schedule=schedule, hutchinson=hutchinson))(x_rep)
+  result = jax.jit(lambda x: likelihood.ode_log_likelihood(mixture.denoiser(schedule), jax.random.PRNGKey(2), x,
+                                                           hutchinson=hutchinson))(x_rep)
   log_p = result.log_p.reshape(x.shape[0], num_probes)
   return jnp.mean(log_p, 1), jnp.std(log_p, 1) / math.sqrt(num_probes), result.z[::num_probes]
 
@@ -107,8 +107,8 @@ def test_grad_wrt_the_input_is_the_score():
   of p_eps (the gradient of the prior-mismatch term is negligible for VP); measured relative error 6e-4."""
   schedule = schedules.VPSDE()
   x = _ring_points()[:8]
-  log_p = lambda x: jnp.sum(likelihood.ode_log_likelihood(RING.model_fn(schedule), jax.random.PRNGKey(0), x,
-                                                          schedule=schedule, hutchinson='exact').log_p)
+  log_p = lambda x: jnp.sum(likelihood.ode_log_likelihood(RING.denoiser(schedule), jax.random.PRNGKey(0), x,
+                                                          hutchinson='exact').log_p)
   grad = jax.jit(jax.grad(log_p))(x)
   alpha, sigma = schedule.alpha_sigma(jnp.float32(schedule.t_min))
   score = jax.grad(lambda x: jnp.sum(RING.log_prob(x, alpha, sigma)))(x)
@@ -124,7 +124,7 @@ def test_bf16_model_is_close_to_fp32():
   model_fn = RING.model_fn(schedule)
   bf16 = lambda x, t: model_fn(x.astype(jnp.bfloat16).astype(jnp.float32), t).astype(jnp.bfloat16)
   x, _, full = _ring_exact('vp')
-  low = jax.jit(lambda x: likelihood.ode_log_likelihood(bf16, jax.random.PRNGKey(0), x, schedule=schedule,
+  low = jax.jit(lambda x: likelihood.ode_log_likelihood(Denoiser(bf16, schedule), jax.random.PRNGKey(0), x,
                                                         hutchinson='exact', rtol=1e-4, atol=1e-4))(x)
   diff = jnp.abs(low.log_p - full.log_p) / 2
   assert float(jnp.mean(diff)) < 0.03 and float(jnp.max(diff)) < 0.1, diff
@@ -183,8 +183,7 @@ def test_ode_bits_per_dim_of_a_gaussian():
   schedule = schedules.VPSDE()
   pixels = jnp.asarray(np.random.RandomState(10).randint(60, 200, (16, 3)), jnp.int32)
   rng = jax.random.PRNGKey(11)
-  bpd, result = jax.jit(lambda x: likelihood.ode_bits_per_dim(gaussian.model_fn(schedule), rng, x,
-                                                              schedule=schedule, hutchinson='exact',
+  bpd, result = jax.jit(lambda x: likelihood.ode_bits_per_dim(gaussian.denoiser(schedule), rng, x, hutchinson='exact',
                                                               t_eps=1e-5))(pixels)
   x = likelihood.uniform_dequantize(jax.random.split(rng)[0], pixels)
   y = (np.asarray(x, np.float64) + 1) * 128
@@ -195,5 +194,5 @@ def test_ode_bits_per_dim_of_a_gaussian():
 
 def test_unknown_estimator():
   with pytest.raises(ValueError, match='Unknown hutchinson'):
-    likelihood.ode_log_likelihood(RING.model_fn(schedules.VPSDE()), jax.random.PRNGKey(0), jnp.zeros((2, 2)),
-                                  schedule=schedules.VPSDE(), hutchinson='skilling')
+    likelihood.ode_log_likelihood(RING.denoiser(schedules.VPSDE()), jax.random.PRNGKey(0), jnp.zeros((2, 2)),
+                                  hutchinson='skilling')

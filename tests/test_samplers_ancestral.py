@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from diffax.diffusion import schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import ancestral, base
 from diffax.testing import checks, metrics, mixtures
 
@@ -68,7 +69,7 @@ def sampler(variance, num_steps=None, mixture_name='ring', trajectory=False, bf1
   if bf16:
     model_fn = checks.bf16_model(model_fn)
   return jax.jit(lambda rng: ancestral.ancestral_sample(
-      model_fn, rng, (N_SAMPLES[mixture_name], mixture.dim), schedule=LINEAR, variance=variance,
+      Denoiser(model_fn, LINEAR), rng, (N_SAMPLES[mixture_name], mixture.dim), variance=variance,
       num_steps=num_steps, return_trajectory=trajectory))
 
 
@@ -84,7 +85,7 @@ def test_gaussian_moments_follow_the_ddpm_recursion(schedule, num_steps, spacing
   steps = visited(schedule.num_timesteps, num_steps or schedule.num_timesteps, spacing)
   mean, var = ddpm_moments(schedule.alphas_cumprod(), steps, variance, m0, v0)
   model_fn = gaussian(m0, v0).model_fn(schedule)
-  out = jax.jit(lambda rng: ancestral.ancestral_sample(model_fn, rng, (n, 1), schedule=schedule, variance=variance,
+  out = jax.jit(lambda rng: ancestral.ancestral_sample(Denoiser(model_fn, schedule), rng, (n, 1), variance=variance,
                                                         num_steps=num_steps, spacing=spacing))(jax.random.PRNGKey(0))
   assert out.nfe == len(steps)
   assert float(jnp.mean(out.samples)) == pytest.approx(mean, abs=4 * np.sqrt(var / n))
@@ -150,7 +151,7 @@ def test_last_step_returns_the_x0_prediction_and_the_trajectory():
 def test_given_x_T_jit_equals_eager_and_rng_drives_the_noise():
   model_fn = MIXTURES['ring'].model_fn(LINEAR)
   x_T = jax.random.normal(jax.random.PRNGKey(3), (16, 2))
-  run = functools.partial(ancestral.ancestral_sample, model_fn, shape=(16, 2), schedule=LINEAR, num_steps=10,
+  run = functools.partial(ancestral.ancestral_sample, Denoiser(model_fn, LINEAR), shape=(16, 2), num_steps=10,
                           x_T=x_T)
   eager = run(jax.random.PRNGKey(0)).samples
   jitted = jax.jit(run)
@@ -170,11 +171,12 @@ def test_bf16_model_is_close_to_fp32():
 def test_clip_x0_clips_the_final_prediction():
   """Modes at +-3 come out at +-1: the last step returns the clipped x0-prediction."""
   model_fn = gaussian(3.0, 0.01).model_fn(LINEAR)
-  samples = jax.jit(lambda rng: ancestral.ancestral_sample(model_fn, rng, (512, 1), schedule=LINEAR, num_steps=20,
-                                                           clip_x0=1.0).samples)(jax.random.PRNGKey(0))
+  denoiser = Denoiser(model_fn, LINEAR, clip_x0=1.0)
+  samples = jax.jit(lambda rng: ancestral.ancestral_sample(denoiser, rng, (512, 1), num_steps=20).samples)(
+      jax.random.PRNGKey(0))
   np.testing.assert_array_equal(samples, 1.0)
 
 
 def test_unknown_variance_is_rejected():
   with pytest.raises(ValueError, match='posterior'):
-    ancestral.ancestral_sample(lambda x, t: x, jax.random.PRNGKey(0), (2, 1), schedule=LINEAR, variance='learned')
+    ancestral.ancestral_sample(Denoiser(lambda x, t: x, LINEAR), jax.random.PRNGKey(0), (2, 1), variance='learned')

@@ -9,10 +9,10 @@ import pytest
 
 import diffax
 from diffax.diffusion import samplers, schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.testing import checks, mixtures
 
-COMMON = ('schedule', 'prediction', 'num_steps', 't_start', 'x_T', 'clip_x0', 'sigma_data', 'inpaint',
-          'return_trajectory')
+COMMON = ('num_steps', 't_start', 'x_T', 'inpaint', 'return_trajectory')
 
 
 def test_public_api_imports():
@@ -26,7 +26,8 @@ def test_public_api_imports():
 @pytest.mark.parametrize('name', sorted(samplers.SAMPLERS))
 def test_every_sampler_has_the_common_keyword_only_signature(name):
   params = inspect.signature(samplers.SAMPLERS[name]).parameters
-  assert list(params)[:3] == ['model_fn', 'rng', 'shape']
+  assert list(params)[:3] == ['denoiser', 'rng', 'shape']
+  assert not {'schedule', 'prediction', 'sigma_data', 'clip_x0'} & set(params), 'the denoiser carries those'
   for key in COMMON:
     if name == 'adaptive_ode' and key == 'num_steps':
       continue  # adaptive step count; its budget is rtol / atol / max_steps.
@@ -38,13 +39,12 @@ def test_every_sampler_has_the_common_keyword_only_signature(name):
 def _deterministic_runs(schedule):
   """Probability-flow ODE solvers from one x_T, each with a fine grid; they solve the same ODE."""
   return {
-      'ddim': lambda m, r, x: samplers.ddim_sample(m, r, x.shape, schedule=schedule, num_steps=500, x_T=x,
+      'ddim': lambda m, r, x: samplers.ddim_sample(Denoiser(m, schedule), r, x.shape, num_steps=500, x_T=x,
                                                    spacing='log_snr'),
-      'heun_ode': lambda m, r, x: samplers.heun_ode_sample(m, r, x.shape, schedule=schedule, num_steps=100, x_T=x),
-      'edm': lambda m, r, x: samplers.edm_sample(m, r, x.shape, schedule=schedule, num_steps=100, x_T=x),
-      'dpm_solver': lambda m, r, x: samplers.dpm_solver_sample(m, r, x.shape, schedule=schedule, num_steps=100,
+      'edm_heun': lambda m, r, x: samplers.edm_heun_sample(Denoiser(m, schedule), r, x.shape, num_steps=100, x_T=x),
+      'dpm_solver': lambda m, r, x: samplers.dpm_solver_sample(Denoiser(m, schedule), r, x.shape, num_steps=100,
                                                                x_T=x),
-      'adaptive_ode': lambda m, r, x: samplers.adaptive_ode_sample(m, r, x.shape, schedule=schedule, x_T=x,
+      'adaptive_ode': lambda m, r, x: samplers.adaptive_ode_sample(Denoiser(m, schedule), r, x.shape, x_T=x,
                                                                    rtol=1e-6, atol=1e-6),
   }
 
@@ -77,13 +77,12 @@ def test_every_sampler_inpaints_and_returns_trajectories(name):
   x_known = jnp.tile(jnp.asarray([[1.0, 0.0]]), (8, 1))
   mask = jnp.tile(jnp.asarray([[1.0, 0.0]]), (8, 1))
   sampler = samplers.SAMPLERS[name]
-  kwargs = dict(schedule=schedule)
+  kwargs = {}
   if name != 'adaptive_ode':
     kwargs['num_steps'] = 10
     kwargs['inpaint'] = samplers.Inpaint(x_known=x_known, mask=mask)
     kwargs['return_trajectory'] = True
-  out = jax.jit(lambda rng: sampler(mixture.model_fn(schedule, 'eps'), rng, (8, 2), **kwargs))(
-      jax.random.PRNGKey(0))
+  out = jax.jit(lambda rng: sampler(mixture.denoiser(schedule), rng, (8, 2), **kwargs))(jax.random.PRNGKey(0))
   assert out.samples.shape == (8, 2) and out.samples.dtype == jnp.float32
   assert np.all(np.isfinite(out.samples)) and int(out.nfe) > 0
   if name != 'adaptive_ode':
@@ -98,7 +97,7 @@ def test_every_sampler_vmaps_over_rngs(name):
   schedule = schedules.EDM()
   model_fn = mixtures.ring_mixture().model_fn(schedule, 'eps')
   kwargs = {} if name == 'adaptive_ode' else {'num_steps': 6}
-  run = lambda rng: samplers.SAMPLERS[name](model_fn, rng, (4, 2), schedule=schedule, **kwargs).samples
+  run = lambda rng: samplers.SAMPLERS[name](Denoiser(model_fn, schedule), rng, (4, 2), **kwargs).samples
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   batched = jax.jit(jax.vmap(run))(keys)
   single = jax.jit(run)
@@ -124,7 +123,7 @@ def _class_conditional_ring():
   return ring, model_fn
 
 
-@pytest.mark.parametrize('name', ['ddim', 'dpm_solver', 'edm', 'ddpm'])
+@pytest.mark.parametrize('name', ['ddim', 'dpm_solver', 'edm_heun', 'ddpm'])
 def test_classifier_free_guidance_through_a_sampler(name):
   """With the exact class-conditional model, guidance scale 1 samples the class's component exactly
   (mode 3 only, Mahalanobis sharpness 1), scale 0 samples the unconditional mixture (its weights), and a scale
@@ -139,7 +138,7 @@ def test_classifier_free_guidance_through_a_sampler(name):
 
   def run(scale):
     guided = diffax.classifier_free_guidance(conditional(schedule), cond=cond, null_cond=null, scale=scale)
-    out = jax.jit(lambda rng: samplers.SAMPLERS[name](guided, rng, (n, 2), schedule=schedule, num_steps=steps,
+    out = jax.jit(lambda rng: samplers.SAMPLERS[name](Denoiser(guided, schedule), rng, (n, 2), num_steps=steps,
                                                       **spacing))(jax.random.PRNGKey(0))
     labels = jnp.argmax(ring.responsibilities(out.samples), axis=-1)
     others = jnp.delete(ring.means, label, axis=0)
@@ -164,16 +163,17 @@ def _small_vp_ring_run(name, **kwargs):
   schedule = schedules.VPSDE()
   mixture = mixtures.ring_mixture()
   prediction = kwargs.pop('prediction', 'eps')
+  clip_x0 = kwargs.pop('clip_x0', None)
   model_fn = mixture.model_fn(schedule, prediction)
   if kwargs.pop('bf16', False):
     model_fn = checks.bf16_model(model_fn)
   x_T = schedule.prior_sample(jax.random.PRNGKey(3), (256, 2))
-  run = lambda rng: samplers.SAMPLERS[name](model_fn, rng, (256, 2), schedule=schedule, prediction=prediction,
-                                            num_steps=8, x_T=x_T, **kwargs).samples
+  denoiser = Denoiser(model_fn, schedule, prediction, clip_x0=clip_x0)
+  run = lambda rng: samplers.SAMPLERS[name](denoiser, rng, (256, 2), num_steps=8, x_T=x_T, **kwargs).samples
   return jax.jit(run)(jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize('name', ['edm', 'dpm_solver'])
+@pytest.mark.parametrize('name', ['edm_heun', 'dpm_solver'])
 @pytest.mark.parametrize('prediction', ['x0', 'v', 'edm'])
 def test_every_prediction_gives_the_same_samples(name, prediction):
   """The exact model in any parameterisation is the same denoiser: samples agree up to float32 rounding
@@ -181,7 +181,7 @@ def test_every_prediction_gives_the_same_samples(name, prediction):
   np.testing.assert_allclose(_small_vp_ring_run(name, prediction=prediction), _small_vp_ring_run(name), atol=1e-4)
 
 
-@pytest.mark.parametrize('name', ['edm', 'dpm_solver'])
+@pytest.mark.parametrize('name', ['edm_heun', 'dpm_solver'])
 def test_bf16_model_is_close_to_fp32(name):
   """bf16 keeps 8 mantissa bits (relative 4e-3). Measured RMS deviation 6e-3 (DPM-Solver++) and 8e-3 (EDM Heun)
   on data of scale 1, the largest from the few samples near a boundary between modes."""
@@ -190,7 +190,7 @@ def test_bf16_model_is_close_to_fp32(name):
   assert bool(jnp.all(jnp.isfinite(rounded)))
 
 
-@pytest.mark.parametrize('name', ['edm', 'dpm_solver'])
+@pytest.mark.parametrize('name', ['edm_heun', 'dpm_solver'])
 def test_clip_x0_only_when_asked(name):
   """Unclipped runs keep the ring's |x| > 1 (the noise-floor tests); with clip_x0 the final step to t = 0
   returns the clipped x0-prediction."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from diffax.diffusion import schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import ancestral, base, ddim
 from diffax.testing import checks, metrics, mixtures
 
@@ -28,9 +29,9 @@ def sampler(num_steps, mixture_name='ring', prediction='eps', bf16=False):
   model_fn = mixture.model_fn(VP, prediction)
   if bf16:
     model_fn = checks.bf16_model(model_fn)
-  return jax.jit(lambda rng: ddim.ddim_sample(model_fn, rng, (N_SAMPLES[mixture_name], mixture.dim), schedule=VP,
-                                              prediction=prediction, num_steps=num_steps, spacing='log_snr',
-                                              return_trajectory=True))
+  denoiser = Denoiser(model_fn, VP, prediction)
+  return jax.jit(lambda rng: ddim.ddim_sample(denoiser, rng, (N_SAMPLES[mixture_name], mixture.dim),
+                                              num_steps=num_steps, spacing='log_snr', return_trajectory=True))
 
 
 @pytest.mark.parametrize('num_steps', [50, 30])
@@ -59,7 +60,7 @@ def test_eta1_on_consecutive_steps_is_ancestral_ddpm():
   float32 rounding along all 1000 knots; equal paths imply equal distributions.
   """
   model_fn = MIXTURES['ring'].model_fn(LINEAR)
-  run = lambda sample, **kw: jax.jit(lambda rng: sample(model_fn, rng, (256, 2), schedule=LINEAR, **kw).samples)(
+  run = lambda sample, **kw: jax.jit(lambda rng: sample(Denoiser(model_fn, LINEAR), rng, (256, 2), **kw).samples)(
       jax.random.PRNGKey(0))
   x_ddim = run(ddim.ddim_sample, num_steps=1000, eta=1.0)
   x_ddpm = run(ancestral.ancestral_sample, variance='posterior')
@@ -72,8 +73,8 @@ def test_eta0_is_deterministic_equal_under_jit_and_does_not_clip():
   mixture = mixtures.GaussianMixture(weights=jnp.full((2,), 0.5), means=jnp.asarray([[-3.0], [3.0]]),
                                      eigvecs=jnp.ones((2, 1, 1)), eigvals=jnp.full((2, 1), 0.01))
   x_T = jax.random.normal(jax.random.PRNGKey(3), (256, 1))
-  run = functools.partial(ddim.ddim_sample, mixture.model_fn(LINEAR), shape=(256, 1), schedule=LINEAR,
-                          num_steps=20, spacing='linspace', x_T=x_T)
+  run = functools.partial(ddim.ddim_sample, mixture.denoiser(LINEAR), shape=(256, 1), num_steps=20,
+                          spacing='linspace', x_T=x_T)
   eager = run(jax.random.PRNGKey(0)).samples
   jitted = jax.jit(run)
   np.testing.assert_allclose(jitted(jax.random.PRNGKey(0)).samples, eager, atol=1e-6)
@@ -84,8 +85,8 @@ def test_eta0_is_deterministic_equal_under_jit_and_does_not_clip():
 def test_clip_x0_clips_the_final_prediction():
   mixture = mixtures.GaussianMixture(weights=jnp.ones((1,)), means=jnp.full((1, 1), 3.0),
                                      eigvecs=jnp.ones((1, 1, 1)), eigvals=jnp.full((1, 1), 0.01))
-  samples = jax.jit(lambda rng: ddim.ddim_sample(mixture.model_fn(LINEAR), rng, (256, 1), schedule=LINEAR,
-                                                 num_steps=20, clip_x0=1.0).samples)(jax.random.PRNGKey(0))
+  samples = jax.jit(lambda rng: ddim.ddim_sample(Denoiser(mixture.model_fn(LINEAR), LINEAR, clip_x0=1.0), rng, (256, 1),
+                                                 num_steps=20).samples)(jax.random.PRNGKey(0))
   np.testing.assert_array_equal(samples, 1.0)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from diffax.diffusion import schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import ddim, dpm_solver
 from diffax.testing import checks, metrics, mixtures
 
@@ -41,8 +42,9 @@ def sample(sampler: str, mix: str, sched: str, n: int, prediction: str = 'eps', 
   checks that the reported ``nfe`` is the number of model calls that really ran."""
   mixture, schedule = MIXTURES[mix], SCHEDULES[sched]
   model_fn = mixture.model_fn(schedule, prediction)
-  run = checks.nfe_checked(SAMPLERS[sampler], checks.bf16_model(model_fn) if precision == 'bf16' else model_fn,
-                           shape=(n, mixture.dim), schedule=schedule, prediction=prediction, **kwargs)
+  model_fn = checks.bf16_model(model_fn) if precision == 'bf16' else model_fn
+  run = checks.nfe_checked(SAMPLERS[sampler], Denoiser(model_fn, schedule, prediction), shape=(n, mixture.dim),
+                           **kwargs)
   return run(jax.random.PRNGKey(0), x_T=x_T(sched, mix, n))
 
 
@@ -128,8 +130,8 @@ def test_jit_unjit_trajectory_and_nfe():
   # jump to t = 0 makes one call, not two.)
   jitted = sample('dpm', 'ring', 'vp', B, **SMALL)
   x_start = x_T('vp', 'ring', B)
-  eager = dpm_solver.dpm_solver_sample(MIXTURES['ring'].model_fn(SCHEDULES['vp']), jax.random.PRNGKey(5), (B, 2),
-                                       schedule=SCHEDULES['vp'], x_T=x_start, **SMALL)
+  eager = dpm_solver.dpm_solver_sample(MIXTURES['ring'].denoiser(SCHEDULES['vp']), jax.random.PRNGKey(5), (B, 2),
+                                       x_T=x_start, **SMALL)
   assert int(eager.nfe) == int(jitted.nfe) == 8
   np.testing.assert_allclose(eager.trajectory, jitted.trajectory, atol=1e-5)
   assert jitted.trajectory.shape == (9, B, 2)
@@ -163,7 +165,7 @@ def test_lower_order_final_changes_short_runs():
 
 def test_rejects_unknown_options():
   with pytest.raises(ValueError, match='method'):
-    dpm_solver.dpm_solver_sample(None, jax.random.PRNGKey(0), (1, 2), schedule=SCHEDULES['vp'], method='3S')
+    dpm_solver.dpm_solver_sample(Denoiser(None, SCHEDULES['vp']), jax.random.PRNGKey(0), (1, 2), method='3S')
   with pytest.raises(ValueError, match='order=3'):
-    dpm_solver.dpm_solver_sample(None, jax.random.PRNGKey(0), (1, 2), schedule=SCHEDULES['vp'], order=3,
+    dpm_solver.dpm_solver_sample(Denoiser(None, SCHEDULES['vp']), jax.random.PRNGKey(0), (1, 2), order=3,
                                  method='singlestep')

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from diffax.diffusion import schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import ddim, edm
 from diffax.testing import checks, metrics, mixtures
 
@@ -18,7 +19,7 @@ N = 2000  # samples per accuracy run
 B = 256  # samples per trajectory-level check
 MIXTURES = {'ring': mixtures.ring_mixture(), 'aniso': mixtures.anisotropic_mixture()}
 SCHEDULES = {'edm': schedules.EDM(), 'vp': schedules.VPSDE()}
-SAMPLERS = {'heun': edm.edm_sample, 'ddim': ddim.ddim_sample}
+SAMPLERS = {'heun': edm.edm_heun_sample, 'ddim': ddim.ddim_sample}
 SMALL = {'num_steps': 8, 'return_trajectory': True}  # the small ring / VP run that unit checks share
 
 
@@ -39,8 +40,9 @@ def compiled(sampler: str, mix: str, sched: str, n: int, prediction: str = 'eps'
   that the reported ``nfe`` is the number of model calls that really ran."""
   mixture, schedule = MIXTURES[mix], SCHEDULES[sched]
   model_fn = mixture.model_fn(schedule, prediction)
-  return checks.nfe_checked(SAMPLERS[sampler], checks.bf16_model(model_fn) if precision == 'bf16' else model_fn,
-                            shape=(n, mixture.dim), schedule=schedule, prediction=prediction, **kwargs)
+  model_fn = checks.bf16_model(model_fn) if precision == 'bf16' else model_fn
+  return checks.nfe_checked(SAMPLERS[sampler], Denoiser(model_fn, schedule, prediction), shape=(n, mixture.dim),
+                            **kwargs)
 
 
 @functools.cache
@@ -152,8 +154,8 @@ def test_jit_unjit_trajectory_and_nfe():
   # to sigma = 0 skips the corrector, so N levels cost 2 N - 1 calls.)
   jitted = sample('heun', 'ring', 'vp', B, **SMALL)
   x_start = x_T('vp', 'ring', B)
-  eager = edm.edm_sample(MIXTURES['ring'].model_fn(SCHEDULES['vp']), jax.random.PRNGKey(5), (B, 2),
-                         schedule=SCHEDULES['vp'], x_T=x_start, **SMALL)
+  eager = edm.edm_heun_sample(MIXTURES['ring'].denoiser(SCHEDULES['vp']), jax.random.PRNGKey(5), (B, 2), x_T=x_start,
+                              **SMALL)
   assert int(eager.nfe) == int(jitted.nfe) == 15
   np.testing.assert_allclose(eager.trajectory, jitted.trajectory, atol=1e-5)
   assert jitted.trajectory.shape == (9, B, 2)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from diffax.diffusion import parameterization, schedules
-from diffax.diffusion.samplers import base, ode
+from diffax.diffusion.parameterization import Denoiser
+from diffax.diffusion.samplers import base, edm, ode
 from diffax.testing import checks, metrics, mixtures
 
 RING = mixtures.ring_mixture()
@@ -32,7 +33,7 @@ def test_heun_reaches_the_floor_on_the_ring(name):
   """64 steps (127 evaluations). Measured sharpness: VP 0.989, VE 0.986, EDM 0.998 (floor 1.003); the
   tolerance 0.05 is 3 standard errors (0.016). At 20 steps the modes come out 4-7% too wide."""
   schedule = SCHEDULES[name]
-  out = jax.jit(lambda rng: ode.heun_ode_sample(RING.model_fn(schedule), rng, (N_RING, 2), schedule=schedule,
+  out = jax.jit(lambda rng: edm.edm_heun_sample(RING.denoiser(schedule), rng, (N_RING, 2),
                                                 num_steps=64))(jax.random.PRNGKey(0))
   assert out.nfe == 127
   assert_samples_at_floor(out.samples, RING, jax.random.PRNGKey(1), sharpness_tol=0.05)
@@ -45,8 +46,7 @@ def test_heun_reaches_the_floor_in_64d():
   """Anisotropic 64-D mixture, EDM, 64 steps. Measured sharpness 1.011 (floor 1.006; 48 steps: 1.019,
   32 steps: 1.042); the tolerance 0.025 is about 6 standard errors and fails an under-resolved solve."""
   mixture, schedule = mixtures.anisotropic_mixture(), schedules.EDM()
-  out = jax.jit(lambda rng: ode.heun_ode_sample(mixture.model_fn(schedule, 'edm'), rng, (2000, 64),
-                                                schedule=schedule, prediction='edm', num_steps=64))(
+  out = jax.jit(lambda rng: edm.edm_heun_sample(mixture.denoiser(schedule, 'edm'), rng, (2000, 64), num_steps=64))(
                                                     jax.random.PRNGKey(2))
   assert_samples_at_floor(out.samples, mixture, jax.random.PRNGKey(3), sharpness_tol=0.025)
 
@@ -57,9 +57,8 @@ def test_heun_is_second_order():
   mixture, schedule = mixtures.anisotropic_mixture(dim=8), schedules.VPSDE()
   model_fn = mixture.model_fn(schedule)
   x_T = schedule.prior_sample(jax.random.PRNGKey(4), (400, 8))
-  heun = jax.jit(lambda num_steps: ode.heun_ode_sample(model_fn, jax.random.PRNGKey(0), x_T.shape,
-                                                       schedule=schedule, num_steps=num_steps, x_T=x_T).samples,
-                 static_argnums=0)
+  heun = jax.jit(lambda num_steps: edm.edm_heun_sample(Denoiser(model_fn, schedule), jax.random.PRNGKey(0), x_T.shape,
+                                                       num_steps=num_steps, x_T=x_T).samples, static_argnums=0)
   reference = heun(160)
   e20, e40 = [float(jnp.sqrt(jnp.mean(jnp.square(heun(n) - reference)))) for n in (20, 40)]
   assert e20 / e40 > 3.2, (e20, e40)
@@ -71,7 +70,7 @@ def test_adaptive_reaches_the_floor_counts_nfe_and_inverts():
   (counted by a host callback); encoding the samples' ODE end points with Dopri5 returns their latents."""
   schedule = SCHEDULES['vp']
   x_T = schedule.prior_sample(jax.random.PRNGKey(5), (N_RING, 2))
-  out = checks.nfe_checked(ode.adaptive_ode_sample, RING.model_fn(schedule), shape=(N_RING, 2), schedule=schedule,
+  out = checks.nfe_checked(ode.adaptive_ode_sample, RING.denoiser(schedule), shape=(N_RING, 2),
                            return_trajectory=True, num_save_points=6)(jax.random.PRNGKey(0), x_T=x_T)
   assert out.nfe.dtype == jnp.int32
   assert 50 < int(out.nfe) < 400  # measured 134 (22 steps and the final x0-prediction)
@@ -86,8 +85,7 @@ def test_adaptive_reaches_the_floor_counts_nfe_and_inverts():
 
   # encode(decode(z)) = z for latents of std 1. Measured error median 4e-5, 99th percentile 1.3e-4, max 4e-4
   # (trajectories ending between two modes are the sensitive ones).
-  z, nfe = jax.jit(lambda x: ode.ode_encode(RING.model_fn(schedule), x, schedule=schedule,
-                                            solver='dopri5'))(out.trajectory[-1])
+  z, nfe = jax.jit(lambda x: ode.ode_encode(RING.denoiser(schedule), x, solver='dopri5'))(out.trajectory[-1])
   err = jnp.max(jnp.abs(z - x_T), axis=-1)
   assert float(jnp.quantile(err, 0.99)) < 5e-4 and float(jnp.median(err)) < 2e-4, err
   assert 50 < int(nfe) < 400
@@ -99,7 +97,7 @@ def test_heun_jit_equals_eager_and_a_hand_computed_step():
   schedule = SCHEDULES['vp']
   model_fn = RING.model_fn(schedule)
   x_T = schedule.prior_sample(jax.random.PRNGKey(7), (256, 2))
-  sample = lambda rng: ode.heun_ode_sample(model_fn, rng, (256, 2), schedule=schedule, num_steps=2,
+  sample = lambda rng: edm.edm_heun_sample(Denoiser(model_fn, schedule), rng, (256, 2), num_steps=2,
                                            spacing='linspace', t_start=0.5, t_end=0.2, x_T=x_T,
                                            return_trajectory=True)
   eager, jitted = sample(jax.random.PRNGKey(0)), jax.jit(sample)(jax.random.PRNGKey(1))
@@ -124,9 +122,8 @@ def test_every_prediction_and_a_bf16_model_give_the_same_samples():
   moves the samples by 1e-3 (measured median; 95th percentile 3e-3, max 0.03 for points between modes)."""
   schedule = SCHEDULES['edm']
   x_T = schedule.prior_sample(jax.random.PRNGKey(9), (256, 2))
-  sample = jax.jit(lambda model_fn, pred: ode.heun_ode_sample(model_fn, jax.random.PRNGKey(0), (256, 2),
-                                                              schedule=schedule, prediction=pred,
-                                                              num_steps=12, x_T=x_T).samples,
+  sample = jax.jit(lambda model_fn, pred: edm.edm_heun_sample(Denoiser(model_fn, schedule, pred), jax.random.PRNGKey(0),
+                                                              (256, 2), num_steps=12, x_T=x_T).samples,
                    static_argnums=(0, 1))
   eps_model = RING.model_fn(schedule, 'eps')
   reference = sample(eps_model, 'eps')
@@ -145,11 +142,11 @@ def test_inpainting_heun_keeps_known_pixels_and_adaptive_refuses():
   model_fn = RING.model_fn(schedule)
   x_known = schedule.prior_sample(jax.random.PRNGKey(11), (256, 2))
   inpaint = base.Inpaint(x_known=x_known, mask=jnp.array([1.0, 0.0], jnp.float32)[None])
-  out = jax.jit(lambda rng: ode.heun_ode_sample(model_fn, rng, (256, 2), schedule=schedule, num_steps=8,
+  out = jax.jit(lambda rng: edm.edm_heun_sample(Denoiser(model_fn, schedule), rng, (256, 2), num_steps=8,
                                                 inpaint=inpaint))(jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out.samples[:, 0], x_known[:, 0])
   assert bool(jnp.all(jnp.isfinite(out.samples)))
   with pytest.raises(ValueError, match='cannot inpaint'):
-    ode.adaptive_ode_sample(model_fn, jax.random.PRNGKey(0), (256, 2), schedule=schedule, inpaint=inpaint)
+    ode.adaptive_ode_sample(Denoiser(model_fn, schedule), jax.random.PRNGKey(0), (256, 2), inpaint=inpaint)
   with pytest.raises(ValueError, match='Unknown solver'):
-    ode.adaptive_ode_sample(model_fn, jax.random.PRNGKey(0), (256, 2), schedule=schedule, solver='rk4')
+    ode.adaptive_ode_sample(Denoiser(model_fn, schedule), jax.random.PRNGKey(0), (256, 2), solver='rk4')

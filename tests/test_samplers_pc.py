@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from diffax.diffusion import schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import pc
 from diffax.testing import checks, metrics, mixtures
 
@@ -73,7 +74,7 @@ def test_predictor_moments_follow_the_closed_form_recursion(schedule, predictor)
   m0, v0, n, num_steps = 3.0, 0.04, 20_000, 20
   mean, var = pc_moments(schedule, predictor, num_steps, m0, v0)
   model_fn = gaussian(m0, v0).model_fn(schedule)
-  out = jax.jit(lambda rng: pc.pc_sample(model_fn, rng, (n, 1), schedule=schedule, num_steps=num_steps,
+  out = jax.jit(lambda rng: pc.pc_sample(Denoiser(model_fn, schedule), rng, (n, 1), num_steps=num_steps,
                                          predictor=predictor, corrector='none'))(jax.random.PRNGKey(0))
   assert out.nfe == num_steps + 1
   assert float(jnp.mean(out.samples)) == pytest.approx(mean, abs=4 * np.sqrt(var / n))
@@ -91,7 +92,7 @@ def test_langevin_step_size_rule_has_the_predicted_fixed_point():
   _, sigma = VE.alpha_sigma(VE.t_min)
   v = 1.0 + float(sigma)**2
   x_T = jnp.sqrt(v) * jax.random.normal(jax.random.PRNGKey(3), (n, 1))
-  out = jax.jit(lambda rng: pc.pc_sample(gaussian(0.0, 1.0).model_fn(VE), rng, (n, 1), schedule=VE, num_steps=1,
+  out = jax.jit(lambda rng: pc.pc_sample(Denoiser(gaussian(0.0, 1.0).model_fn(VE), VE), rng, (n, 1), num_steps=1,
                                          predictor='none', snr=snr, n_corrector_steps=10, denoise=False,
                                          t_start=VE.t_min, x_T=x_T, return_trajectory=True))(jax.random.PRNGKey(0))
   assert out.nfe == 10 and out.trajectory.shape == (2, n, 1)
@@ -110,7 +111,7 @@ def _compiled(schedule, num_steps, mixture_name, predictor, corrector, bf16):
   model_fn = mixture.model_fn(schedule)
   if bf16:
     model_fn = checks.bf16_model(model_fn)
-  return jax.jit(lambda rng: pc.pc_sample(model_fn, rng, (N_SAMPLES[mixture_name], mixture.dim), schedule=schedule,
+  return jax.jit(lambda rng: pc.pc_sample(Denoiser(model_fn, schedule), rng, (N_SAMPLES[mixture_name], mixture.dim),
                                           num_steps=num_steps, predictor=predictor, corrector=corrector,
                                           return_trajectory=True))
 
@@ -172,7 +173,7 @@ def test_denoising_step_is_tweedie_at_t_min():
 
 def test_given_x_T_jit_equals_eager_and_rng_drives_the_noise():
   x_T = jax.random.normal(jax.random.PRNGKey(3), (16, 2))
-  run = functools.partial(pc.pc_sample, RING.model_fn(VP), shape=(16, 2), schedule=VP, num_steps=5,
+  run = functools.partial(pc.pc_sample, RING.denoiser(VP), shape=(16, 2), num_steps=5,
                           predictor='euler_maruyama', n_corrector_steps=2, x_T=x_T)
   eager = run(jax.random.PRNGKey(0))
   jitted = jax.jit(run)
@@ -192,8 +193,8 @@ def test_bf16_model_is_close_to_fp32():
 
 def test_clip_x0_clips_the_denoised_samples():
   """Data at 3: every x0-prediction is clipped to 1, so the chain ends near 1 and Tweedie's step stays <= 1."""
-  samples = jax.jit(lambda rng: pc.pc_sample(gaussian(3.0, 0.01).model_fn(VP), rng, (256, 1), schedule=VP,
-                                             num_steps=20, clip_x0=1.0).samples)(jax.random.PRNGKey(0))
+  samples = jax.jit(lambda rng: pc.pc_sample(Denoiser(gaussian(3.0, 0.01).model_fn(VP), VP, clip_x0=1.0), rng, (256, 1),
+                                             num_steps=20).samples)(jax.random.PRNGKey(0))
   assert float(jnp.max(samples)) <= 1.0 and float(jnp.median(samples)) > 0.9
 
 
@@ -201,4 +202,4 @@ def test_clip_x0_clips_the_denoised_samples():
                                           ({'predictor': 'none', 'corrector': 'none'}, 'needs')])
 def test_invalid_choices_are_rejected(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    pc.pc_sample(lambda x, t: x, jax.random.PRNGKey(0), (2, 1), schedule=VE, **kwargs)
+    pc.pc_sample(Denoiser(lambda x, t: x, VE), jax.random.PRNGKey(0), (2, 1), **kwargs)

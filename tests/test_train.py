@@ -2,6 +2,7 @@
 checkpoint fall-back, and that the digits default actually learns."""
 
 import shutil
+import types
 
 import flax.linen as nn
 import jax
@@ -11,9 +12,10 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
+from diffax.diffusion import samplers, schedules
+from diffax.diffusion.parameterization import Denoiser
 from diffax.trainer import components, config as config_lib, events, experiment, optim, sharding, train
 from diffax.trainer import train_step
-from diffax.diffusion import schedules
 import trainer_runs
 
 
@@ -65,12 +67,63 @@ def test_impossible_combinations_and_keyword_sections_are_rejected():
     components.build_schedule(c)
   c = trainer_runs.load_test_config()
   c.sample.kwargs.ordr = 2
-  with pytest.raises(config_lib.ConfigError, match='sample.kwargs'):
-    components.build_sample_fn(c, components.build_model(c), components.build_schedule(c), channels=1)
+  with pytest.raises(config_lib.ConfigError, match='sample.kwargs.ordr'):
+    components.build_generate(c, components.build_model(c), components.build_schedule(c), channels=1)
   c = trainer_runs.load_test_config()
   c.model.overrides.learn_sigma = True
   with pytest.raises(config_lib.ConfigError, match='learn_sigma'):
     components.build_model(c)
+
+
+def test_sampler_settings_are_the_ones_that_run():
+  """0 / '' mean the sampler's default, a setting the sampler has no use for is an error naming the key, and
+  ``sampler_kwargs`` (what the results JSON records) holds exactly the keywords the sampler runs with."""
+  c = trainer_runs.load_test_config('sample.num_steps=0', 'sample.sampler=ddim')
+  used = components.sampler_kwargs(c)
+  assert used['num_steps'] == 50 and used['spacing'] == 'trailing' and used['eta'] == 0.0  # ddim's defaults
+  c = trainer_runs.load_test_config('sample.num_steps=7', 'sample.spacing=log_snr', 'sample.sampler=ddim')
+  c.sample.kwargs.eta = 1.0
+  assert components.sampler_kwargs(c) == {**used, 'num_steps': 7, 'spacing': 'log_snr', 'eta': 1.0}
+  c = trainer_runs.load_test_config('sample.num_steps=10', 'sample.sampler=adaptive_ode')
+  with pytest.raises(config_lib.ConfigError, match="sample.num_steps: sampler 'adaptive_ode' takes no 'num_steps'"):
+    components.sampler_kwargs(c)
+  c = trainer_runs.load_test_config('sample.num_steps=0', 'sample.sampler=adaptive_ode')
+  assert components.sampler_kwargs(c)['rtol'] == 1e-5 and 'num_steps' not in components.sampler_kwargs(c)
+  c = trainer_runs.load_test_config('sample.spacing=karras', 'sample.sampler=pc')
+  with pytest.raises(config_lib.ConfigError, match='sample.spacing'):
+    components.sampler_kwargs(c)
+
+
+def test_deprecated_sampler_names_warn_and_resolve():
+  c = trainer_runs.load_test_config('sample.sampler=edm', 'sample.num_steps=3')
+  with pytest.warns(DeprecationWarning, match="'edm_heun'"):
+    config_lib.validate(c)
+  with pytest.warns(DeprecationWarning):
+    assert components.sampler_kwargs(c)['s_churn'] == 0.0
+
+
+def test_edm_sigma_data_has_one_source():
+  """Training and sampling use one sigma_data: the EDM schedule's own, and a different diffusion.sigma_data is
+  an error naming the key (it used to train with the schedule's and sample with diffusion.sigma_data)."""
+  edm = ('diffusion.schedule=edm', 'diffusion.loss=edm', 'diffusion.prediction=edm', 'diffusion.weighting=edm')
+  c = trainer_runs.load_test_config(*edm)
+  c.diffusion.schedule_kwargs.sigma_data = 1.0
+  with pytest.raises(config_lib.ConfigError, match='diffusion.sigma_data: 0.5 differs'):
+    components.build_loss(c, None, components.build_schedule(c))
+  c = trainer_runs.load_test_config(*edm, 'diffusion.sigma_data=1.0')
+  c.diffusion.schedule_kwargs.sigma_data = 1.0
+  schedule = components.build_schedule(c)
+  assert components.sigma_data(c, schedule) == 1.0 == schedule.sigma_data
+  # The sampler reads the network's output F with that sigma_data too: with F = 0 every x0-prediction is
+  # c_skip(sigma) x / alpha, so the samples depend on sigma_data through c_skip.
+  model = types.SimpleNamespace(apply=lambda variables, x, t, cond, train: jnp.zeros_like(x))
+  shape, rng = (2, 8, 8, 1), jax.random.PRNGKey(0)
+  got = components.build_generate(c, model, schedule, channels=1)(None, rng, None, shape).samples
+  library = lambda sigma_data: samplers.dpm_solver_sample(
+      Denoiser(lambda x, t: jnp.zeros_like(x), schedule, 'edm', sigma_data=sigma_data), rng, shape,
+      **components.sampler_kwargs(c)).samples
+  np.testing.assert_allclose(got, library(1.0), rtol=1e-6)
+  assert float(jnp.max(jnp.abs(library(0.5) - got))) > 1e-2
 
 
 def test_learning_rate_schedule_matches_closed_form():

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DIGITS_TEST = f'{REPO}/configs/digits.py:test'
+DIGITS_TEST = f'{REPO}/configs/digits.py:runlocal'
 
 
 def main_command(workdir, *overrides: str, mode: str = 'train', config: str = DIGITS_TEST) -> list[str]:
@@ -66,7 +66,7 @@ def load_test_config(*overrides: str):
   spec = importlib.util.spec_from_file_location('digits_config', REPO / 'configs' / 'digits.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config('test')
+  config = module.get_config('runlocal')
   for override in overrides:
     key, value = override.split('=', 1)
     *path, leaf = key.split('.')

@@ -38,9 +38,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffax.diffusion import parameterization
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import ode
-from diffax.diffusion.schedules import Schedule
 
 Array = jax.Array
 ESTIMATORS = ('rademacher', 'gaussian', 'exact')
@@ -77,15 +76,14 @@ def _divergence_field(field, x_shape: tuple[int, ...], hutchinson: str, probe: A
   return joint
 
 
-def ode_log_likelihood(model_fn: parameterization.ModelFn, rng: Array, x: Array, *, schedule: Schedule,
-                       prediction: str = 'eps', hutchinson: str = 'rademacher', t_eps: float | None = None,
-                       solver: str = 'tsit5', rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
-                       sigma_data: float = 0.5) -> Likelihood:
+def ode_log_likelihood(denoiser: Denoiser, rng: Array, x: Array, *, hutchinson: str = 'rademacher',
+                       t_eps: float | None = None, solver: str = 'tsit5', rtol: float = 1e-5, atol: float = 1e-5,
+                       max_steps: int = 4096) -> Likelihood:
   """Log-likelihood of ``x`` [B, ...] (model space, taken as ``x`` at ``t_eps``) under the probability flow.
 
   Args:
-    model_fn: ``(x_t [B, ...], t [B]) -> output`` in parameterisation ``prediction``; examples must not
-      interact (no batch statistics), since divergences are taken per example.
+    denoiser: the model under its schedule and parameterisation; examples must not interact (no batch
+      statistics), since divergences are taken per example.
     rng: PRNG key for the Hutchinson probes (unused for ``'exact'``).
     x: [B, ...] float data.
     hutchinson: ``'rademacher'``, ``'gaussian'`` or ``'exact'`` (``D`` Jacobian-vector products per
@@ -103,10 +101,10 @@ def ode_log_likelihood(model_fn: parameterization.ModelFn, rng: Array, x: Array,
     probe = jax.random.normal(rng, x.shape, jnp.float32)
   else:
     probe = None
+  schedule = denoiser.schedule
   u0, alpha_eps = ode.flow_time(schedule, schedule.t_min if t_eps is None else t_eps)
   u1, alpha_T = ode.flow_time(schedule, schedule.t_max)
-  field = ode.probability_flow(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data)
-  joint = _divergence_field(field, x.shape, hutchinson, probe)
+  joint = _divergence_field(ode.probability_flow(denoiser), x.shape, hutchinson, probe)
   y0 = (x / alpha_eps, jnp.zeros(x.shape[:1], jnp.float32))
   (x_bar, delta_logp), _, nfe = ode.solve(joint, y0, u0=u0, u1=u1, solver=solver, rtol=rtol, atol=atol,
                                           max_steps=max_steps)
@@ -137,11 +135,9 @@ def dequantized_bits_per_dim(log_p: Array, shape: Sequence[int], *, num_bins: in
   return -(log_p + d * math.log(2.0 / num_bins)) / (d * math.log(2))
 
 
-def ode_bits_per_dim(model_fn: parameterization.ModelFn, rng: Array, x: Array, *, schedule: Schedule,
-                     prediction: str = 'eps', dequantize: bool = True, num_bins: int = 256,
+def ode_bits_per_dim(denoiser: Denoiser, rng: Array, x: Array, *, dequantize: bool = True, num_bins: int = 256,
                      hutchinson: str = 'rademacher', t_eps: float | None = None, solver: str = 'tsit5',
-                     rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
-                     sigma_data: float = 0.5) -> tuple[Array, Likelihood]:
+                     rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096) -> tuple[Array, Likelihood]:
   """Bits/dim [B] of ``x`` through :func:`ode_log_likelihood`, and its :class:`Likelihood`.
 
   With ``dequantize`` (score-SDE's evaluation), ``x`` [B, ...] holds integer pixels in ``[0, num_bins)``;
@@ -154,9 +150,8 @@ def ode_bits_per_dim(model_fn: parameterization.ModelFn, rng: Array, x: Array, *
   shape = x.shape[1:]
   if dequantize:
     x = uniform_dequantize(rng_dequantize, x, num_bins=num_bins)
-  result = ode_log_likelihood(model_fn, rng_probe, x, schedule=schedule, prediction=prediction,
-                              hutchinson=hutchinson, t_eps=t_eps, solver=solver, rtol=rtol, atol=atol,
-                              max_steps=max_steps, sigma_data=sigma_data)
+  result = ode_log_likelihood(denoiser, rng_probe, x, hutchinson=hutchinson, t_eps=t_eps, solver=solver,
+                              rtol=rtol, atol=atol, max_steps=max_steps)
   if dequantize:
     return dequantized_bits_per_dim(result.log_p, shape, num_bins=num_bins), result
   return bits_per_dim(-result.log_p, shape), result

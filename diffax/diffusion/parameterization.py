@@ -17,6 +17,7 @@ parameterisation can be sampled by any sampler, and classifier-free guidance is 
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +119,35 @@ def denoise(model_fn: ModelFn, x_t: Array, t: Array, *, schedule: Schedule, pred
   x_in, t_in = model_inputs(prediction, x_t, t, alpha_t, sigma_t, sigma_data=sigma_data)
   output = model_fn(x_in, t_in).astype(jnp.float32)
   return x0_eps_from_output(prediction, output, x_t, alpha_t, sigma_t, sigma_data=sigma_data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """A model in a parameterisation under a schedule: ``denoiser(x_t [B, ...], t [] | [B]) -> (x0_hat, eps_hat)``.
+
+  What every sampler takes. ``Denoiser(model_fn, schedule)`` wraps an eps-model; ``prediction`` and
+  ``sigma_data`` say how to read its output (:func:`denoise`); ``clip_x0`` clips ``x0_hat`` to
+  ``[-clip_x0, clip_x0]`` and then recomputes ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t`` so the two stay
+  consistent (as DDPM/DDIM reference code does with ``clip_denoised``). Both outputs are float32.
+  """
+
+  model_fn: ModelFn
+  schedule: Schedule
+  prediction: str = 'eps'
+  sigma_data: float = 0.5
+  clip_x0: float | None = None
+
+  def __post_init__(self):
+    check_prediction(self.prediction)
+
+  def __call__(self, x_t: Array, t: Array) -> tuple[Array, Array]:
+    x0, eps = denoise(self.model_fn, x_t, t, schedule=self.schedule, prediction=self.prediction,
+                      sigma_data=self.sigma_data)
+    if self.clip_x0 is not None:
+      alpha_t, sigma_t = self.schedule.alpha_sigma(jnp.asarray(t, jnp.float32))
+      x0 = jnp.clip(x0, -self.clip_x0, self.clip_x0)
+      eps = (x_t - expand_like(alpha_t, x_t) * x0) / expand_like(sigma_t, x_t)
+    return x0, eps
 
 
 def score_from_eps(eps: Array, sigma_t: Array) -> Array:

@@ -11,6 +11,7 @@ samplers to the same standard.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 import functools
 import math
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.diffusion.parameterization import ModelFn
+from diffax.diffusion.parameterization import Denoiser, ModelFn
 from diffax.diffusion.samplers.base import SampleOutput
 from diffax.testing.mixtures import GaussianMixture
 
@@ -99,16 +100,17 @@ def counted_model(model_fn: ModelFn, calls: list) -> ModelFn:
   return model
 
 
-def nfe_checked(sample_fn: Callable[..., SampleOutput], model_fn: ModelFn,
+def nfe_checked(sample_fn: Callable[..., SampleOutput], denoiser: Denoiser,
                 **kwargs) -> Callable[..., SampleOutput]:
-  """``sample_fn(model_fn, rng, **kwargs)`` jitted once, as ``run(rng, **call_kwargs) -> SampleOutput``.
+  """``sample_fn(denoiser, rng, **kwargs)`` jitted once, as ``run(rng, **call_kwargs) -> SampleOutput``.
 
   Every run asserts that the reported ``nfe`` equals the number of model calls that really ran
-  (:func:`counted_model`). ``kwargs`` are fixed at compile time (``shape``, ``schedule``, static options);
-  ``call_kwargs`` are traced arrays such as ``x_T``.
+  (:func:`counted_model`). ``kwargs`` are fixed at compile time (``shape``, static options); ``call_kwargs``
+  are traced arrays such as ``x_T``.
   """
   calls = []
-  fn = jax.jit(functools.partial(sample_fn, counted_model(model_fn, calls), **kwargs))
+  counted = dataclasses.replace(denoiser, model_fn=counted_model(denoiser.model_fn, calls))
+  fn = jax.jit(functools.partial(sample_fn, counted, **kwargs))
 
   def run(rng: Array, **call_kwargs) -> SampleOutput:
     calls.clear()

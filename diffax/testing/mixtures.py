@@ -125,6 +125,12 @@ class GaussianMixture:
 
     return exact
 
+  def denoiser(self, schedule: Schedule, prediction: str = 'eps', *, sigma_data: float = 0.5,
+               clip_x0: float | None = None) -> parameterization.Denoiser:
+    """The exact :meth:`model_fn` as the :class:`~diffax.diffusion.parameterization.Denoiser` samplers take."""
+    return parameterization.Denoiser(self.model_fn(schedule, prediction, sigma_data=sigma_data), schedule,
+                                     prediction, sigma_data=sigma_data, clip_x0=clip_x0)
+
   def _per_example(self, x: Array, alpha, sigma) -> tuple[Array, Array]:
     shape = x.shape[:1]
     return (jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), shape),

@@ -66,17 +66,29 @@ def apply_fn_of(model: nn.Module) -> losses.ApplyFn:
   return apply_fn
 
 
+def sigma_data(config: ml_collections.ConfigDict, schedule: schedules.Schedule) -> float:
+  """The one ``sigma_data`` that training and sampling share (EDM preconditioning and loss weight).
+
+  The EDM schedule carries its own (``diffusion.schedule_kwargs.sigma_data``); a different
+  ``diffusion.sigma_data`` beside it would train with one value and sample with the other, so it is an error.
+  """
+  if isinstance(schedule, schedules.EDM) and schedule.sigma_data != config.diffusion.sigma_data:
+    raise ConfigError('diffusion.sigma_data', f'{config.diffusion.sigma_data} differs from the EDM schedule\'s '
+                      f'sigma_data {schedule.sigma_data} (diffusion.schedule_kwargs.sigma_data); set both to the '
+                      'same value.')
+  return config.diffusion.sigma_data
+
+
 def build_loss(config: ml_collections.ConfigDict, apply_fn: losses.ApplyFn,
                schedule: schedules.Schedule) -> losses.LossFn:
   d = config.diffusion
   cond_dropout = None
   if config.data.num_classes and d.p_uncond > 0:
     cond_dropout = losses.CondDropout(p_uncond=d.p_uncond, null_label=config.data.num_classes)
-  kwargs = dict(schedule=schedule, prediction=d.prediction, sigma_data=d.sigma_data, cond_dropout=cond_dropout)
+  kwargs = dict(schedule=schedule, prediction=d.prediction, sigma_data=sigma_data(config, schedule),
+                cond_dropout=cond_dropout)
   if d.loss != 'hybrid':
     kwargs['weighting'] = losses.Weighting(d.weighting, gamma=d.weighting_gamma or None)
-  if d.loss == 'edm' and isinstance(schedule, schedules.EDM):
-    kwargs['sigma_data'] = None  # the schedule's own sigma_data
   return losses.get_loss(d.loss, apply_fn, **kwargs)
 
 
@@ -86,33 +98,49 @@ def ema_index(config: ml_collections.ConfigDict) -> int:
   return decays.index(config.sample.ema_decay) if config.sample.ema_decay else 0
 
 
-def build_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, schedule: schedules.Schedule, *,
-                    channels: int) -> Callable[[Any, Array, Array | None, tuple[int, ...]], samplers.SampleOutput]:
-  """``sample_fn(params, rng, labels [B] | None, shape) -> SampleOutput`` with the configured sampler.
+_PER_CALL = ('t_start', 'x_T', 'inpaint', 'return_trajectory')  # sampler arguments the trainer never sets
+
+
+def sampler_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Every keyword the configured sampler runs with: its defaults, updated by ``sample.num_steps`` and
+  ``sample.spacing`` where set (``0`` / ``''`` mean the sampler's default) and by ``sample.kwargs``.
+
+  What is returned is what runs, and what evaluation results record. A keyword the sampler does not take
+  (``sample.num_steps`` for ``'adaptive_ode'``, a misspelt ``sample.kwargs`` entry) is a :class:`ConfigError`.
+  """
+  s = config.sample
+  sampler = samplers.get_sampler(s.sampler)
+  parameters = {name: p for name, p in inspect.signature(sampler).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _PER_CALL}
+  given = {f'sample.kwargs.{k}': (k, v) for k, v in _kwargs(s.kwargs).items()}
+  for key in ('num_steps', 'spacing'):
+    if s[key]:
+      if f'sample.kwargs.{key}' in given:
+        raise ConfigError(f'sample.kwargs.{key}', f'set sample.{key} instead.')
+      given[f'sample.{key}'] = (key, s[key])
+  for config_key, (name, _) in given.items():
+    if name not in parameters:
+      raise ConfigError(config_key, f'sampler {s.sampler!r} takes no {name!r}; its keywords are {sorted(parameters)}.')
+  used = {name: p.default for name, p in parameters.items()}
+  used.update(dict(given.values()))
+  return used
+
+
+def build_generate(config: ml_collections.ConfigDict, model: nn.Module, schedule: schedules.Schedule, *,
+                   channels: int) -> Callable[[Any, Array, Array | None, tuple[int, ...]], samplers.SampleOutput]:
+  """``generate(params, rng, labels [B] | None, shape) -> SampleOutput``: the configured sampler on the model.
 
   Learned-variance channels are dropped before guidance and sampling (the samplers use the mean prediction).
   With ``sample.guidance_scale != 1`` the model is guided (Ho & Salimans 2022) against the null label.
   """
   s = config.sample
   sampler = samplers.get_sampler(s.sampler)
-  kwargs = _kwargs(s.kwargs)
-  parameters = inspect.signature(sampler).parameters
-  if 'num_steps' in parameters:
-    kwargs.setdefault('num_steps', s.num_steps)
-  if s.clip_x0:
-    kwargs.setdefault('clip_x0', s.clip_x0)
-  if s.spacing:
-    if 'spacing' not in parameters:
-      raise ConfigError('sample.spacing', f'sampler {s.sampler!r} takes no spacing.')
-    kwargs.setdefault('spacing', s.spacing)
-  try:
-    inspect.signature(sampler).bind(None, None, None, schedule=schedule, prediction=config.diffusion.prediction,
-                                    sigma_data=config.diffusion.sigma_data, **kwargs)
-  except TypeError as error:
-    raise ConfigError('sample.kwargs', f'{error} (sampler {s.sampler!r}).')
+  kwargs = sampler_kwargs(config)
+  denoiser_fields = dict(schedule=schedule, prediction=config.diffusion.prediction,
+                         sigma_data=sigma_data(config, schedule), clip_x0=s.clip_x0 or None)
   num_classes = config.data.num_classes
 
-  def sample_fn(params, rng, labels, shape):
+  def generate(params, rng, labels, shape):
 
     def net(x, t, cond):
       return model.apply({'params': params}, x, t, cond, train=False)[..., :channels]
@@ -124,7 +152,6 @@ def build_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, schedul
     else:
       model_fn = parameterization.classifier_free_guidance(net, cond=labels, null_cond=jnp.full_like(
           labels, num_classes), scale=s.guidance_scale)
-    return sampler(model_fn, rng, shape, schedule=schedule, prediction=config.diffusion.prediction,
-                   sigma_data=config.diffusion.sigma_data, **kwargs)
+    return sampler(parameterization.Denoiser(model_fn, **denoiser_fields), rng, shape, **kwargs)
 
-  return sample_fn
+  return generate

@@ -87,10 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
   )
   c.sample = dict(
       sampler='dpm_solver',  # a key of samplers.SAMPLERS
-      num_steps=25,
+      num_steps=0,  # sampler steps; 0 = the sampler's default (a sampler without steps, e.g. 'adaptive_ode', needs 0)
       guidance_scale=1.0,  # classifier-free guidance weight w (1 = the conditional model)
       clip_x0=0.0,  # clip every x0-prediction to [-c, c] (pixel data: 1); 0 = never clip
-      spacing='',  # time grid of samplers that take one ('trailing', 'log_snr', 'karras', ...); '' = its default
+      spacing='',  # time grid ('trailing', 'log_snr', 'karras', ...) of samplers that take one; '' = its default
       num_samples=64,  # grid size
       ema_decay=0.0,  # which EMA to sample from; 0 = the first of train.ema_decays
       seed=0,
@@ -162,14 +162,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'optim.optimizer', ('adamw', 'adam'))
   _choice(config, 'optim.lr_schedule', ('constant', 'cosine'))
   _choice(config, 'train.nan_policy', ('stop', 'skip'))
-  _choice(config, 'sample.sampler', samplers.SAMPLERS)
+  _choice(config, 'sample.sampler', {**samplers.SAMPLERS, **samplers.DEPRECATED_NAMES})
+  samplers.canonical_name(config.sample.sampler)  # warns about a deprecated name
   _choice(config, 'eval.metric', ('digits', 'inception', ''))
   _positive(config, 'optim.learning_rate', 'optim.grad_accum_steps', 'train.num_steps', 'train.batch_size',
             'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints', 'train.loss_buckets',
-            'sample.num_samples', 'sample.num_steps', 'eval.batch_size', 'eval.num_samples',
+            'sample.num_samples', 'eval.batch_size', 'eval.num_samples',
             'eval.num_samples_train', 'mesh.fsdp')
   _positive(config, 'optim.warmup_steps', 'optim.weight_decay', 'optim.grad_clip', 'train.keep_period',
-            'train.sample_every', 'train.eval_every', 'data.num_classes', 'data.worker_count',
+            'train.sample_every', 'train.eval_every', 'data.num_classes', 'data.worker_count', 'sample.num_steps',
             'diffusion.p_uncond', allow_zero=True)
   if not 0.0 <= config.optim.min_lr_ratio <= 1.0:
     raise ConfigError('optim.min_lr_ratio', f'must lie in [0, 1], got {config.optim.min_lr_ratio}.')

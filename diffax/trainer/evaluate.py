@@ -22,6 +22,7 @@ from clu import metric_writers, periodic_actions
 
 from diffax.trainer import components, config as config_lib, sharding
 from diffax.data.pipeline import make_iterator
+from diffax.diffusion import samplers
 from diffax.evaluation import evaluators, stats
 from diffax.trainer.experiment import Experiment
 
@@ -40,7 +41,7 @@ def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Ev
                           seed: int, writer: metric_writers.MetricWriter | None = None) -> tuple[dict, dict]:
   """Streams ``num_samples`` generated images through ``evaluator``; returns ``(metrics, protocol)``."""
   batch_size = exp.config.eval.batch_size
-  sampler = exp.make_sampler(batch_size)
+  generate = exp.generate_fn(batch_size)
   num_batches = -(-num_samples // batch_size)
   num_classes = exp.config.data.num_classes
   labels_sharding = sharding.batch_sharding(exp.mesh)
@@ -50,7 +51,7 @@ def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Ev
   for b in range(num_batches):
     index = jnp.arange(b * batch_size, (b + 1) * batch_size, dtype=jnp.int32)
     labels = jax.device_put(index % max(num_classes, 1), labels_sharding)
-    samples, nfe = sampler(params, jax.random.fold_in(jax.random.PRNGKey(seed), b), labels)
+    samples, nfe = generate(params, jax.random.fold_in(jax.random.PRNGKey(seed), b), labels)
     keep = min(batch_size, num_samples - b * batch_size)
     if keep < batch_size:  # the last batch: drop the surplus (host arrays; this is at most one batch)
       samples, labels = np.asarray(jax.device_get(samples))[:keep], np.asarray(jax.device_get(labels))[:keep]
@@ -59,11 +60,13 @@ def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Ev
       progress(b + 1)
   metrics = evaluator.result()
   c = exp.config
+  kwargs = components.sampler_kwargs(c)
   protocol = {
-      'num_samples': num_samples, 'seed': seed, 'sampler': c.sample.sampler,
-      'sampler_kwargs': c.sample.kwargs.to_dict(),
-      'num_steps': c.sample.num_steps, 'nfe': int(nfe), 'guidance_scale': c.sample.guidance_scale,
-      'clip_x0': c.sample.clip_x0, 'spacing': c.sample.spacing or 'default',
+      'num_samples': num_samples, 'seed': seed, 'sampler': samplers.canonical_name(c.sample.sampler),
+      'sampler_kwargs': {k: (v if isinstance(v, (bool, int, float, str, type(None))) else repr(v))
+                         for k, v in kwargs.items()},  # every keyword the sampler ran with, defaults included
+      'num_steps': kwargs.get('num_steps'), 'nfe': int(nfe), 'guidance_scale': c.sample.guidance_scale,
+      'clip_x0': c.sample.clip_x0,
       'ema_decay': tuple(c.train.ema_decays)[components.ema_index(c)], 'schedule': c.diffusion.schedule,
       'prediction': c.diffusion.prediction, 'seconds': time.perf_counter() - start, **evaluator.protocol()}
   return metrics, protocol
@@ -95,7 +98,8 @@ def write_results(exp: Experiment, writer, step: int, metrics: dict, protocol: d
   writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
   writer.flush()
   if jax.process_index() == 0:
-    tag = f'{protocol["sampler"]}-{protocol["num_steps"]}_w{protocol["guidance_scale"]:g}'
+    steps = '' if protocol['num_steps'] is None else f'-{protocol["num_steps"]}'
+    tag = f'{protocol["sampler"]}{steps}_w{protocol["guidance_scale"]:g}'
     if protocol['clip_x0']:
       tag += f'_clip{protocol["clip_x0"]:g}'
     path = exp.workdir / 'eval' / f'step_{step:08d}_{tag}.json'

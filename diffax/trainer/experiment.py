@@ -42,19 +42,28 @@ class Experiment:
     self.schedule = components.build_schedule(config)
     self.model = components.build_model(config)
     self.loss_fn = components.build_loss(config, components.apply_fn_of(self.model), self.schedule)
-    self.sample_fn = components.build_sample_fn(config, self.model, self.schedule, channels=self.image_shape[-1])
+    self.generate = components.build_generate(config, self.model, self.schedule, channels=self.image_shape[-1])
     self.optimizer, self.lr_schedule = optim.make_optimizer(num_steps=config.train.num_steps, **config.optim)
     self.abstract_state, self.state_shardings = train_state.abstract_state(
         self.init_params, self.optimizer, mesh=self.mesh, rules=config.mesh.rules, **self._create_kwargs())
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', keep=config.train.keep_checkpoints,
                                                 keep_period=config.train.keep_period,
                                                 async_checkpointing=config.train.async_checkpointing)
-    self._samplers = {}
+    self._compiled_generate = {}
 
   def example_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     x = jnp.zeros((batch_size, *self.image_shape), jnp.float32)
     cond = jnp.zeros((batch_size,), jnp.int32) if self.config.data.num_classes else None
     return x, jnp.ones((batch_size,), jnp.float32), cond
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global train batch the loss sees (:meth:`model_batch`), as shapes with the batch sharding."""
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    b = self.config.train.batch_size
+    batch = {'x': jax.ShapeDtypeStruct((b, *self.image_shape), jnp.float32, sharding=batch_sharding)}
+    if self.config.data.num_classes:
+      batch['cond'] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)
+    return batch
 
   def init_params(self, rng: jax.Array) -> Any:
     return self.model.init({'params': rng}, *self.example_inputs(), train=False)['params']
@@ -82,18 +91,19 @@ class Experiment:
   def sample_params(self, state: train_state.TrainState) -> Any:
     return state.ema_params[components.ema_index(self.config)]
 
-  def make_sampler(self, batch_size: int):
-    """Compiled ``(params, rng, labels) -> (samples [batch_size, H, W, C] sharded over the batch axes, nfe)``.
+  def generate_fn(self, batch_size: int):
+    """Compiled ``generate(params, rng, labels) -> (samples [batch_size, H, W, C] sharded over the batch axes,
+    nfe)``: the configured sampler on the model, with guidance.
 
     Compiled once per batch size (on every process together, see :func:`sharding.compile_on_all_processes`).
     """
-    if batch_size not in self._samplers:
+    if batch_size not in self._compiled_generate:
       labels_sharding = sharding.batch_sharding(self.mesh)
       conditional = bool(self.config.data.num_classes)
       shape = (batch_size, *self.image_shape)
 
       def run(params, rng, labels):
-        out = self.sample_fn(params, rng, labels if conditional else None, shape)
+        out = self.generate(params, rng, labels if conditional else None, shape)
         return out.samples, out.nfe
 
       jitted = jax.jit(run, in_shardings=(self.state_shardings.params, sharding.replicated(self.mesh),
@@ -101,9 +111,9 @@ class Experiment:
                        out_shardings=(labels_sharding, sharding.replicated(self.mesh)))
       rng = jax.eval_shape(jax.random.PRNGKey, 0)
       labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-      self._samplers[batch_size] = sharding.compile_on_all_processes(
-          jitted, self.abstract_state.params, rng, labels, name=f'sampler_{batch_size}')
-    return self._samplers[batch_size]
+      self._compiled_generate[batch_size] = sharding.compile_on_all_processes(
+          jitted, self.abstract_state.params, rng, labels, name=f'generate_{batch_size}')
+    return self._compiled_generate[batch_size]
 
   def grid_labels(self, n: int) -> jax.Array:
     """Labels of a sample grid: classes cycle along rows (column j shows class j mod num_classes)."""

@@ -46,15 +46,45 @@ class _Preempted:
     self.signalled = True
 
 
-def _write_samples(exp: Experiment, sampler, params, step: int, writer) -> np.ndarray:
+def _write_samples(exp: Experiment, generate, params, step: int, writer) -> np.ndarray:
   rng = jax.random.fold_in(jax.random.PRNGKey(exp.config.sample.seed), step)
-  samples, _ = sampler(params, rng, exp.grid_labels(exp.config.sample.num_samples))
+  samples, _ = generate(params, rng, exp.grid_labels(exp.config.sample.num_samples))
   samples = np.asarray(multihost_utils.process_allgather(samples, tiled=True))
   grid = images.grid(images.to_uint8(samples), columns=max(exp.config.data.num_classes, 0) or None)
   writer.write_images(step, {'samples': grid[None]})
   if jax.process_index() == 0:
     images.save_png(exp.workdir / 'samples' / f'step_{step:08d}.png', grid, scale=4)
   return samples
+
+
+def compile_train_step(exp: Experiment) -> Any:
+  """The train step jitted with explicit shardings and the state donated, compiled from abstract shapes."""
+  c = exp.config.train
+  step_fn = train_step.make_train_step(exp.loss_fn, exp.optimizer, ema_decays=tuple(c.ema_decays),
+                                       ema_warmup=c.ema_warmup,
+                                       edges=train_step.log_snr_edges(exp.schedule, c.loss_buckets))
+  jitted = jax.jit(step_fn, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
+                   out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)), donate_argnums=0)
+  return sharding.compile_on_all_processes(jitted, exp.abstract_state, exp.abstract_batch(), name='train_step')
+
+
+class _MetricsLog:
+  """Step metrics as they are read back, one step late: :meth:`add` checks a step's finiteness and writes the
+  averages of every ``train.log_every`` steps with the throughput since the last write."""
+
+  def __init__(self, exp: Experiment, writer, *, flops_per_step: float):
+    self.exp, self.writer, self.flops_per_step = exp, writer, flops_per_step
+    self.window: list[dict] = []
+    self.host_seconds, self.start = 0.0, time.perf_counter()
+
+  def add(self, step: int, metrics: dict) -> None:
+    """``metrics`` of train step ``step`` (1-based); raises if it was not finite under ``nan_policy=stop``."""
+    _check_finite(step, metrics, self.exp)
+    self.window.append(metrics)
+    if step % self.exp.config.train.log_every == 0:
+      _write_train_metrics(self.writer, step, self.window, self.exp, elapsed=time.perf_counter() - self.start,
+                           host_seconds=self.host_seconds, flops_per_step=self.flops_per_step)
+      self.window, self.host_seconds, self.start = [], 0.0, time.perf_counter()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
@@ -68,78 +98,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   start = int(state.step)
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+  compiled = compile_train_step(exp)
+  generate = exp.generate_fn(config.sample.num_samples)
+  report = periodic_actions.ReportProgress(num_train_steps=c.num_steps, writer=writer, every_steps=c.log_every)
+  log = _MetricsLog(exp, writer, flops_per_step=float((compiled.cost_analysis() or {}).get('flops', 0.0)))
+  evaluator = None
 
-  batch_sharding = sharding.batch_sharding(exp.mesh)
-  step_fn = train_step.make_train_step(exp.loss_fn, exp.optimizer, ema_decays=tuple(c.ema_decays),
-                                        ema_warmup=c.ema_warmup,
-                                        edges=train_step.log_snr_edges(exp.schedule, c.loss_buckets))
-  jitted = jax.jit(step_fn, in_shardings=(exp.state_shardings, batch_sharding),
-                   out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)), donate_argnums=0)
-  sampler = exp.make_sampler(config.sample.num_samples)
-  report = periodic_actions.ReportProgress(num_train_steps=c.num_steps, writer=writer,
-                                           every_steps=c.log_every)
-
-  compiled, flops_per_step, evaluator = None, 0.0, None
-  pending: tuple[int, dict] | None = None
-  window: list[dict] = []
-  host_seconds, window_start = 0.0, time.perf_counter()
-  for step in range(start, c.num_steps):
+  previous = None  # (step, metrics) of the step dispatched before this one
+  for step in range(start + 1, c.num_steps + 1):
     t0 = time.perf_counter()
     batch = sharding.global_batch(exp.model_batch(next(iterator)), exp.mesh)
-    host_seconds += time.perf_counter() - t0
-    if compiled is None:
-      compiled = sharding.compile_on_all_processes(jitted, state, batch, name='train_step')
-      flops_per_step = float((compiled.cost_analysis() or {}).get('flops', 0.0))
-      window_start = time.perf_counter()
+    log.host_seconds += time.perf_counter() - t0
     state, metrics = compiled(state, batch)
-    if pending is not None:
-      _check_finite(pending, config, exp)
-      window.append(pending[1])
-    pending = (step, metrics)
-    done = step + 1
-    report(done)
-    if done % c.log_every == 0:
-      window.append(pending[1])
-      _check_finite(pending, config, exp)
-      pending = None
-      elapsed = time.perf_counter() - window_start
-      _write_train_metrics(writer, done, window, exp, elapsed=elapsed, host_seconds=host_seconds,
-                           flops_per_step=flops_per_step)
-      window, host_seconds, window_start = [], 0.0, time.perf_counter()
-    stop = preempted.signalled or exp.checkpointer.reached_preemption(done)
-    if done % c.checkpoint_every == 0 or done == c.num_steps or stop:
-      exp.checkpointer.save(done, state, iterator)
-    if c.sample_every and done % c.sample_every == 0 and done != c.num_steps:
-      _write_samples(exp, sampler, exp.sample_params(state), done, writer)
-    if c.eval_every and done % c.eval_every == 0:
+    if previous is not None:
+      log.add(*previous)  # reading step n - 1 back while step n runs
+    previous = (step, metrics)
+    report(step)
+    stop = preempted.signalled or exp.checkpointer.reached_preemption(step)
+    if step % c.checkpoint_every == 0 or step == c.num_steps or stop:
+      exp.checkpointer.save(step, state, iterator)
+    if c.sample_every and step % c.sample_every == 0 and step != c.num_steps:
+      _write_samples(exp, generate, exp.sample_params(state), step, writer)
+    if c.eval_every and step % c.eval_every == 0:
       evaluator = evaluator or evaluate.make_evaluator(config)
       evaluator.reset()
       results = evaluate.generate_and_evaluate(exp, exp.sample_params(state), evaluator,
                                                num_samples=config.eval.num_samples_train, seed=config.sample.seed + 1)
-      evaluate.write_results(exp, writer, done, *results)
+      evaluate.write_results(exp, writer, step, *results)
     if stop:
-      logging.warning('Pre-empted at step %d; the checkpoint is being finalised.', done)
+      logging.warning('Pre-empted at step %d; the checkpoint is being finalised.', step)
       break
-  if pending is not None:
-    _check_finite(pending, config, exp)
+  if previous is not None:
+    log.add(*previous)
   if int(state.step) == c.num_steps:
-    _write_samples(exp, sampler, exp.sample_params(state), c.num_steps, writer)
+    _write_samples(exp, generate, exp.sample_params(state), c.num_steps, writer)
   exp.checkpointer.wait_until_finished()
   writer.flush()
   return state
 
 
-def _check_finite(pending: tuple[int, dict], config, exp: Experiment) -> None:
-  step, metrics = pending
+def _check_finite(step: int, metrics: dict, exp: Experiment) -> None:
   if int(metrics['finite']):
     return
-  if config.train.nan_policy == 'skip':
-    logging.warning('Non-finite loss or gradient at step %d: update skipped (train.nan_policy=skip).', step + 1)
+  if exp.config.train.nan_policy == 'skip':
+    logging.warning('Non-finite loss or gradient at step %d: update skipped (train.nan_policy=skip).', step)
     return
   exp.checkpointer.wait_until_finished()
   kept = exp.checkpointer.all_steps()
   raise FloatingPointError(
-      f'Non-finite loss or gradient at step {step + 1} (loss={float(metrics["loss"])}, grad_norm='
+      f'Non-finite loss or gradient at step {step} (loss={float(metrics["loss"])}, grad_norm='
       f'{float(metrics["grad_norm"])}). Training stopped; the checkpoints in {exp.checkpointer.directory} '
       f'(steps {kept}) are untouched and the run resumes from step {kept[-1] if kept else 0}. Lower '
       'optim.learning_rate, check the data, or set train.nan_policy=skip to drop such updates.')
@@ -188,7 +195,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
   state = exp.restore_or_init()
   step = int(state.step)
   writer = metric_writers.create_default_writer(str(exp.workdir), just_logging=jax.process_index() > 0)
-  samples = _write_samples(exp, exp.make_sampler(config.sample.num_samples), exp.sample_params(state), step, writer)
+  samples = _write_samples(exp, exp.generate_fn(config.sample.num_samples), exp.sample_params(state), step,
+                           writer)
   labels = np.asarray(multihost_utils.process_allgather(exp.grid_labels(config.sample.num_samples), tiled=True))
   if jax.process_index() == 0:
     path = exp.workdir / 'samples' / f'samples_step_{step:08d}.npz'

@@ -1,41 +1,57 @@
-"""Samplers: each ``sample(model_fn, rng, shape, *, schedule, prediction, ...) -> SampleOutput``.
+"""Samplers: each ``sample(denoiser, rng, shape, *, <its own knobs>, t_start, x_T, inpaint, return_trajectory)
+-> SampleOutput``.
 
-Every sampler runs its whole loop inside ``jax.lax`` (one compiled program), reports its model evaluations,
-accepts a given ``x_T``, ``t_start`` (SDEdit), ``inpaint`` and ``return_trajectory``, and never clips the
-x0-prediction unless ``clip_x0`` is given. See ``base`` for the shared conventions.
+A sampler takes a :class:`~diffax.diffusion.parameterization.Denoiser` (model, schedule, parameterisation,
+optional clipping), e.g. ``ddim_sample(Denoiser(model_fn, schedule, 'v'), rng, shape, num_steps=20)``. Every
+sampler runs its whole loop inside ``jax.lax`` (one compiled program), reports its model evaluations, accepts a
+given ``x_T``, ``t_start`` (SDEdit), ``inpaint`` and ``return_trajectory``. See ``base`` for the shared
+conventions.
 """
 
 from collections.abc import Callable
+import warnings
 
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers.ancestral import ancestral_sample
 from diffax.diffusion.samplers.base import Inpaint, SampleOutput, time_grid
 from diffax.diffusion.samplers.ddim import ddim_sample
 from diffax.diffusion.samplers.dpm_solver import dpm_solver_sample
 from diffax.diffusion.samplers.editing import inpaint, sdedit
-from diffax.diffusion.samplers.edm import edm_sample
-from diffax.diffusion.samplers.ode import adaptive_ode_sample, heun_ode_sample, ode_encode
+from diffax.diffusion.samplers.edm import edm_heun_sample
+from diffax.diffusion.samplers.ode import adaptive_ode_sample, ode_encode
 from diffax.diffusion.samplers.pc import pc_sample
 
 SAMPLERS: dict[str, Callable[..., SampleOutput]] = {
     'ddpm': ancestral_sample,
     'ddim': ddim_sample,
     'pc': pc_sample,
-    'heun_ode': heun_ode_sample,
+    'edm_heun': edm_heun_sample,
     'adaptive_ode': adaptive_ode_sample,
-    'edm': edm_sample,
     'dpm_solver': dpm_solver_sample,
 }
+DEPRECATED_NAMES = {'edm': 'edm_heun', 'heun_ode': 'edm_heun'}
+"""Old registry names, still accepted with a warning: ``'edm'`` also names a schedule, a prediction and a loss;
+the probability-flow Heun sampler ``'heun_ode'`` was ``'edm_heun'`` without churn."""
+
+
+def canonical_name(name: str) -> str:
+  """``name`` itself, or the current name of a deprecated one (with a ``DeprecationWarning``)."""
+  if name in DEPRECATED_NAMES:
+    warnings.warn(f'Sampler name {name!r} is deprecated; use {DEPRECATED_NAMES[name]!r}.', DeprecationWarning,
+                  stacklevel=3)
+    return DEPRECATED_NAMES[name]
+  if name not in SAMPLERS:
+    raise ValueError(f'Unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}.')
+  return name
 
 
 def get_sampler(name: str) -> Callable[..., SampleOutput]:
   """Registry lookup so configs pick a sampler by string, e.g. ``get_sampler('dpm_solver')``."""
-  if name not in SAMPLERS:
-    raise ValueError(f'Unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}.')
-  return SAMPLERS[name]
+  return SAMPLERS[canonical_name(name)]
 
 
 __all__ = [
-    'SAMPLERS', 'Inpaint', 'SampleOutput', 'adaptive_ode_sample', 'ancestral_sample', 'ddim_sample',
-    'dpm_solver_sample', 'edm_sample', 'get_sampler', 'heun_ode_sample', 'inpaint', 'ode_encode', 'pc_sample',
-    'sdedit', 'time_grid'
+    'DEPRECATED_NAMES', 'SAMPLERS', 'Denoiser', 'Inpaint', 'SampleOutput', 'adaptive_ode_sample',
+    'ancestral_sample', 'canonical_name', 'ddim_sample', 'dpm_solver_sample', 'edm_heun_sample', 'get_sampler',
+    'inpaint', 'ode_encode', 'pc_sample', 'sdedit', 'time_grid'
 ]

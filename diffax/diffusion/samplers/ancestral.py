@@ -35,25 +35,23 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from diffax.diffusion import parameterization
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import base
-from diffax.diffusion.schedules import DiscreteSchedule, Schedule, posterior_from
+from diffax.diffusion.schedules import DiscreteSchedule, posterior_from
 
 Array = jax.Array
 VARIANCES = ('posterior', 'large')
 DEFAULT_CONTINUOUS_STEPS = 1000
 
 
-def ancestral_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[int], *,
-                     schedule: Schedule, prediction: str = 'eps', num_steps: int | None = None,
+def ancestral_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int | None = None,
                      variance: str = 'posterior', spacing: str = 'trailing', t_start: float | None = None,
-                     x_T: Array | None = None, clip_x0: float | None = None, sigma_data: float = 0.5,
-                     inpaint: base.Inpaint | None = None,
+                     x_T: Array | None = None, inpaint: base.Inpaint | None = None,
                      return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with ancestral DDPM; ``num_steps`` model evaluations.
 
   Args:
-    model_fn: ``(x_t [B, ...], t [B]) -> output`` in parameterisation ``prediction``.
+    denoiser: the model under its schedule and parameterisation.
     rng: PRNG key for the prior draw and the step noise.
     shape: [B, ...] of the samples.
     num_steps: model evaluations; ``None`` visits every knot of a discrete schedule up to ``t_start``
@@ -62,16 +60,14 @@ def ancestral_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequ
     spacing: see :func:`base.time_grid`.
     t_start: start time (SDEdit); ``x_T`` must then be the noised input at ``t_start``.
   """
+  schedule = denoiser.schedule
   if variance not in VARIANCES:
     raise ValueError(f'Unknown variance {variance!r}; choose one of {VARIANCES}.')
   if num_steps is None and isinstance(schedule, DiscreteSchedule):
     num_steps = round(schedule.num_timesteps * (schedule.t_max if t_start is None else t_start))
   elif num_steps is None:
     num_steps = DEFAULT_CONTINUOUS_STEPS
-  denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
-                                clip_x0=clip_x0)
   ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start)
-  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
 
   def step(x, state, t_cur, t_next, key):
     x0, _ = denoiser(x, t_cur)
@@ -84,6 +80,5 @@ def ancestral_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequ
     x_next = c_x0 * x0 + c_xt * x + std * jax.random.normal(key, x.shape, jnp.float32)
     return x_next, state
 
-  x, trajectory = base.run(step, x, None, ts, rng_loop, schedule=schedule, inpaint=inpaint,
-                           return_trajectory=return_trajectory)
-  return base.SampleOutput(samples=x, nfe=num_steps, trajectory=trajectory)
+  return base.run(step, rng, shape, ts, schedule=schedule, nfe=num_steps, x_T=x_T, inpaint=inpaint,
+                  return_trajectory=return_trajectory)

@@ -1,11 +1,14 @@
-"""What every sampler shares: the output type, time grids, the x0/eps denoiser and the ``lax.scan`` loop.
+"""What every sampler shares: the output type, time grids and the ``lax.scan`` loop.
 
-Conventions (all samplers):
+Every sampler takes a :class:`diffax.diffusion.parameterization.Denoiser` (the model, its schedule and
+parameterisation, optional clipping), an rng and a shape, and otherwise only its own algorithm's knobs plus
+``t_start, x_T, inpaint, return_trajectory``. Conventions (all samplers):
   * Time runs backwards over a grid ``ts`` [num_steps + 1] from ``t_start`` (default ``schedule.t_max``)
     down to the sentinel ``t = 0``, which means *clean data* (``alpha = 1, sigma = 0``) for every schedule
     (:func:`alpha_sigma_clean`). A step whose target is ``t = 0`` jumps to the x0-prediction unless a
     sampler says otherwise.
-  * No clipping of the x0-prediction happens unless ``clip_x0`` is given; data outside [-1, 1] survives.
+  * No clipping of the x0-prediction happens unless the denoiser's ``clip_x0`` is set; data outside [-1, 1]
+    survives.
   * ``x_T`` replaces the prior draw (same start for two samplers or two libraries); ``return_trajectory``
     adds ``x`` at every grid time, ``x_T`` first: [num_steps + 1, *shape].
   * ``inpaint`` keeps known pixels: after every step they are replaced by a fresh draw of the forward
@@ -17,12 +20,12 @@ Conventions (all samplers):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffax.diffusion import parameterization
 from diffax.diffusion.schedules import EDM, DiscreteSchedule, Schedule, expand_like
 
 Array = jax.Array
@@ -116,30 +119,6 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, 
   return jnp.append(ts, jnp.zeros((1,), jnp.float32))
 
 
-Denoiser = Callable[[Array, Array], tuple[Array, Array]]
-
-
-def make_denoiser(model_fn: parameterization.ModelFn, *, schedule: Schedule, prediction: str,
-                  sigma_data: float = 0.5, clip_x0: float | None = None) -> Denoiser:
-  """``(x_t [B, ...], t []) -> (x0_hat, eps_hat)`` in float32; ``clip_x0`` clips x0 to ``[-c, c]``.
-
-  After clipping, ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t`` is recomputed so the two stay consistent
-  (as DDPM/DDIM reference code does with ``clip_denoised``).
-  """
-  parameterization.check_prediction(prediction)
-
-  def denoiser(x_t, t):
-    x0, eps = parameterization.denoise(model_fn, x_t, t, schedule=schedule, prediction=prediction,
-                                       sigma_data=sigma_data)
-    if clip_x0 is not None:
-      alpha_t, sigma_t = schedule.alpha_sigma(jnp.asarray(t, jnp.float32))
-      x0 = jnp.clip(x0, -clip_x0, clip_x0)
-      eps = (x_t - expand_like(alpha_t, x_t) * x0) / expand_like(sigma_t, x_t)
-    return x0, eps
-
-  return denoiser
-
-
 Step = Callable[[Array, object, Array, Array, Array], tuple[Array, object]]
 """``step(x, state, t_cur, t_next, rng) -> (x_next, state)``; ``state`` is any sampler-specific pytree."""
 
@@ -155,12 +134,16 @@ def initial_x(schedule: Schedule, rng: Array, shape: tuple[int, ...], x_T: Array
   return jnp.asarray(x_T, jnp.float32), rng_loop
 
 
-def run(step: Step, x: Array, state: object, ts: Array, rng: Array, *, schedule: Schedule,
-        inpaint: Inpaint | None = None, return_trajectory: bool = False) -> tuple[Array, Array | None]:
-  """Runs ``step`` over consecutive pairs of ``ts`` [N + 1] in one ``lax.scan``.
+def run(step: Step, rng: Array, shape: Sequence[int], ts: Array, *, schedule: Schedule, nfe: Array | int,
+        state: object = None, x_T: Array | None = None, inpaint: Inpaint | None = None,
+        return_trajectory: bool = False) -> SampleOutput:
+  """Draws (or takes) the start ``x`` [*shape] and runs ``step`` over consecutive pairs of ``ts`` [N + 1] in
+  one ``lax.scan``: the loop every grid sampler shares.
 
-  Returns the final ``x`` and, if asked, the trajectory [N + 1, *x.shape] (``x`` first).
+  ``state`` is the sampler's initial loop state; ``nfe`` the model evaluations the sampler makes. The
+  trajectory, if asked, is [N + 1, *shape] (``x`` first).
   """
+  x, rng = initial_x(schedule, rng, tuple(shape), x_T)
 
   def body(carry, inputs):
     x, state = carry
@@ -180,4 +163,4 @@ def run(step: Step, x: Array, state: object, ts: Array, rng: Array, *, schedule:
     x = jnp.where(inpaint.mask > 0, inpaint.x_known, x)
   if return_trajectory:
     trajectory = jnp.concatenate([x0[None], trajectory], axis=0)
-  return x, trajectory
+  return SampleOutput(samples=x, nfe=nfe, trajectory=trajectory)

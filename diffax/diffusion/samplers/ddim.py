@@ -22,32 +22,28 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from diffax.diffusion import parameterization
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import base
-from diffax.diffusion.schedules import Schedule, posterior_from
+from diffax.diffusion.schedules import posterior_from
 
 Array = jax.Array
 
 
-def ddim_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[int], *, schedule: Schedule,
-                prediction: str = 'eps', num_steps: int = 50, eta: float = 0.0, spacing: str = 'trailing',
-                t_start: float | None = None, x_T: Array | None = None, clip_x0: float | None = None,
-                sigma_data: float = 0.5, inpaint: base.Inpaint | None = None,
-                return_trajectory: bool = False) -> base.SampleOutput:
+def ddim_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 50, eta: float = 0.0,
+                spacing: str = 'trailing', t_start: float | None = None, x_T: Array | None = None,
+                inpaint: base.Inpaint | None = None, return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with DDIM; ``num_steps`` model evaluations.
 
   Args:
-    model_fn: ``(x_t [B, ...], t [B]) -> output`` in parameterisation ``prediction``.
+    denoiser: the model under its schedule and parameterisation.
     rng: PRNG key for the prior draw and (if ``eta > 0``) the step noise.
     shape: [B, ...] of the samples.
     eta: 0 for deterministic DDIM, 1 for DDPM-like stochasticity.
     spacing: see :func:`base.time_grid`.
     t_start: start time (SDEdit); ``x_T`` must then be the noised input at ``t_start``.
   """
-  denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
-                                clip_x0=clip_x0)
+  schedule = denoiser.schedule
   ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start)
-  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
 
   def step(x, state, t_cur, t_next, key):
     x0, eps = denoiser(x, t_cur)
@@ -61,6 +57,5 @@ def ddim_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[
       x_next = x_next + c * jax.random.normal(key, x.shape, jnp.float32)
     return x_next, state
 
-  x, trajectory = base.run(step, x, None, ts, rng_loop, schedule=schedule, inpaint=inpaint,
-                           return_trajectory=return_trajectory)
-  return base.SampleOutput(samples=x, nfe=num_steps, trajectory=trajectory)
+  return base.run(step, rng, shape, ts, schedule=schedule, nfe=num_steps, x_T=x_T, inpaint=inpaint,
+                  return_trajectory=return_trajectory)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.diffusion import parameterization
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import base
 from diffax.diffusion.schedules import Schedule
 
@@ -79,17 +79,15 @@ def _first_order(x: Array, x0: Array, sigma_s: Array, alpha_t: Array, sigma_t: A
   return (sigma_t / sigma_s) * x - (alpha_t * jnp.expm1(-h)) * x0
 
 
-def dpm_solver_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[int], *,
-                      schedule: Schedule, prediction: str = 'eps', num_steps: int = 20, order: int = 2,
-                      method: str = 'multistep', spacing: str = 'log_snr', lower_order_final: bool = True,
-                      denoise_to_zero: bool = True, t_start: float | None = None, x_T: Array | None = None,
-                      clip_x0: float | None = None, sigma_data: float = 0.5,
-                      inpaint: base.Inpaint | None = None,
+def dpm_solver_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 20,
+                      order: int = 2, method: str = 'multistep', spacing: str = 'log_snr',
+                      lower_order_final: bool = True, denoise_to_zero: bool = True, t_start: float | None = None,
+                      x_T: Array | None = None, inpaint: base.Inpaint | None = None,
                       return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with DPM-Solver++ (module docstring gives the updates and the evaluation count).
 
   Args:
-    model_fn: ``(x_t [B, ...], t [B]) -> output`` in parameterisation ``prediction``.
+    denoiser: the model under its schedule and parameterisation.
     rng: PRNG key for the prior draw.
     shape: [B, ...] of the samples.
     num_steps: grid intervals; model evaluations for the multistep methods.
@@ -100,18 +98,16 @@ def dpm_solver_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Seq
     denoise_to_zero: end with the jump from ``t_min`` to the x0-prediction (else return ``x_{t_min}``).
     t_start: start time (SDEdit); ``x_T`` must then be the noised input at ``t_start``.
   """
+  schedule = denoiser.schedule
   if method not in METHODS:
     raise ValueError(f'Unknown method {method!r}; choose one of {METHODS}.')
   max_order = 3 if method == 'multistep' else 2
   if order not in range(1, max_order + 1):
     raise ValueError(f'order={order} is not available for method={method!r}; choose 1 to {max_order}.')
-  denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
-                                clip_x0=clip_x0)
   if denoise_to_zero:
     ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start)
   else:
     ts = base.time_grid(schedule, num_steps + 1, spacing, t_start=t_start)[:-1]
-  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
 
   if method == 'singlestep':
     step, state = _singlestep(denoiser, schedule, order), None
@@ -121,14 +117,13 @@ def dpm_solver_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Seq
                                           denoise_to_zero=denoise_to_zero))
     step = _multistep(denoiser, schedule, order, orders)
     # (step index, x0-predictions [order - 1, *shape] and lambdas [order - 1] of the previous points).
-    state = (jnp.int32(0), jnp.zeros((order - 1, *x.shape), jnp.float32), jnp.zeros((order - 1,), jnp.float32))
+    state = (jnp.int32(0), jnp.zeros((order - 1, *shape), jnp.float32), jnp.zeros((order - 1,), jnp.float32))
     nfe = num_steps
-  x, trajectory = base.run(step, x, state, ts, rng_loop, schedule=schedule, inpaint=inpaint,
-                           return_trajectory=return_trajectory)
-  return base.SampleOutput(samples=x, nfe=nfe, trajectory=trajectory)
+  return base.run(step, rng, shape, ts, schedule=schedule, nfe=nfe, state=state, x_T=x_T, inpaint=inpaint,
+                  return_trajectory=return_trajectory)
 
 
-def _multistep(denoiser: base.Denoiser, schedule: Schedule, order: int, orders: Array) -> base.Step:
+def _multistep(denoiser: Denoiser, schedule: Schedule, order: int, orders: Array) -> base.Step:
   """DPM-Solver++(1, 2M, 3M) steps; ``orders`` [num_steps] gives each step's order."""
 
   def step(x, state, t_cur, t_next, key):
@@ -145,9 +140,9 @@ def _multistep(denoiser: base.Denoiser, schedule: Schedule, order: int, orders: 
       return x_first
 
     def second(_):
-      r0 = (lam_s - lam_prev[0]) / h
-      d1_0 = (m0 - m_prev[0]) / r0
-      return x_first - 0.5 * (alpha_t * phi_1) * d1_0
+      r = (lam_s - lam_prev[0]) / h
+      d = (1.0 + 0.5 / r) * m0 - (0.5 / r) * m_prev[0]
+      return _first_order(x, d, sigma_s, alpha_t, sigma_t, h)
 
     def third(_):
       r0, r1 = (lam_s - lam_prev[0]) / h, (lam_prev[0] - lam_prev[1]) / h
@@ -166,7 +161,7 @@ def _multistep(denoiser: base.Denoiser, schedule: Schedule, order: int, orders: 
   return step
 
 
-def _singlestep(denoiser: base.Denoiser, schedule: Schedule, order: int) -> base.Step:
+def _singlestep(denoiser: Denoiser, schedule: Schedule, order: int) -> base.Step:
   """DPM-Solver++(2S) steps (Alg. 1, ``r = 1/2``), or first-order steps for ``order=1``."""
 
   def step(x, state, t_cur, t_next, key):

@@ -11,17 +11,16 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffax.diffusion import parameterization
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import base
-from diffax.diffusion.schedules import Schedule
 
 Array = jax.Array
 Sampler = Callable[..., base.SampleOutput]
-"""``sampler(model_fn, rng, shape, *, schedule, ..., t_start=, x_T=, inpaint=) -> SampleOutput``."""
+"""``sampler(denoiser, rng, shape, *, ..., t_start=, x_T=, inpaint=) -> SampleOutput``."""
 
 
-def sdedit(sampler: Sampler, model_fn: parameterization.ModelFn, rng: Array, x_input: Array, *,
-           schedule: Schedule, t_start: float, **sampler_kwargs) -> base.SampleOutput:
+def sdedit(sampler: Sampler, denoiser: Denoiser, rng: Array, x_input: Array, *, t_start: float,
+           **sampler_kwargs) -> base.SampleOutput:
   """SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with SDEs", Alg. 1).
 
   Perturbs the guide ``x_input`` [B, ...] to ``x_{t_start} = alpha x_input + sigma z`` (``schedule.marginal``)
@@ -32,12 +31,11 @@ def sdedit(sampler: Sampler, model_fn: parameterization.ModelFn, rng: Array, x_i
   rng_noise, rng_sample = jax.random.split(rng)
   x_input = jnp.asarray(x_input, jnp.float32)
   noise = jax.random.normal(rng_noise, x_input.shape, jnp.float32)
-  x_t = schedule.marginal(x_input, jnp.float32(t_start), noise)
-  return sampler(model_fn, rng_sample, x_input.shape, schedule=schedule, t_start=t_start, x_T=x_t,
-                 **sampler_kwargs)
+  x_t = denoiser.schedule.marginal(x_input, jnp.float32(t_start), noise)
+  return sampler(denoiser, rng_sample, x_input.shape, t_start=t_start, x_T=x_t, **sampler_kwargs)
 
 
-def inpaint(sampler: Sampler, model_fn: parameterization.ModelFn, rng: Array, x_known: Array, mask: Array,
+def inpaint(sampler: Sampler, denoiser: Denoiser, rng: Array, x_known: Array, mask: Array,
             **sampler_kwargs) -> base.SampleOutput:
   """Fills the pixels of ``x_known`` [B, ...] where ``mask`` (broadcastable, 1 = known) is 0.
 
@@ -48,4 +46,4 @@ def inpaint(sampler: Sampler, model_fn: parameterization.ModelFn, rng: Array, x_
   """
   x_known = jnp.asarray(x_known, jnp.float32)
   condition = base.Inpaint(x_known=x_known, mask=jnp.asarray(mask, jnp.float32))
-  return sampler(model_fn, rng, x_known.shape, inpaint=condition, **sampler_kwargs)
+  return sampler(denoiser, rng, x_known.shape, inpaint=condition, **sampler_kwargs)

@@ -1,6 +1,9 @@
 """EDM's Heun sampler (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
 Models", Alg. 1 deterministic, Alg. 2 stochastic), for every schedule.
 
+With ``s_churn = 0`` this is Heun's method on the probability-flow ODE in ``sigma_bar = sigma_t / alpha_t``
+(:mod:`diffax.diffusion.samplers.ode`, eq. (H)): the fixed-step ODE sampler of diffax, for any grid.
+
 EDM writes the probability-flow ODE in VE-equivalent variables (EDM sec. 2, Table 1 with a scale ``s(t)``):
 
   x~ = x_t / alpha_t,   sigma~ = sigma_t / alpha_t,   dx~ / dsigma~ = (x~ - D(x~; sigma~)) / sigma~ = eps_hat,
@@ -41,36 +44,35 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffax.diffusion import parameterization
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import base
-from diffax.diffusion.schedules import Schedule
 
 Array = jax.Array
 
 
-def edm_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[int], *, schedule: Schedule,
-               prediction: str = 'eps', num_steps: int = 18, s_churn: float = 0.0, s_min: float = 0.0,
-               s_max: float = math.inf, s_noise: float = 1.0, spacing: str = 'karras',
-               t_start: float | None = None, x_T: Array | None = None, clip_x0: float | None = None,
-               sigma_data: float = 0.5, inpaint: base.Inpaint | None = None,
-               return_trajectory: bool = False) -> base.SampleOutput:
+def edm_heun_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 18,
+                    s_churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
+                    spacing: str = 'karras', t_start: float | None = None, t_end: float | None = None,
+                    x_T: Array | None = None, inpaint: base.Inpaint | None = None,
+                    return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with EDM's Heun solver; ``2 num_steps - 1`` model evaluations.
 
   Args:
-    model_fn: ``(x_t [B, ...], t [B]) -> output`` in parameterisation ``prediction``.
+    denoiser: the model under its schedule and parameterisation.
     rng: PRNG key for the prior draw and (if ``s_churn > 0``) the churn noise.
     shape: [B, ...] of the samples.
     num_steps: ``N``, the number of noise levels above zero (EDM's ``N``; 18 for CIFAR-10).
     s_churn: total stochasticity ``S_churn`` (Alg. 2); 0 is the deterministic Alg. 1.
     s_min, s_max: churn only where ``s_min <= sigma_t / alpha_t <= s_max``.
     s_noise: ``S_noise``, the standard deviation of the added noise relative to the exact amount.
-    spacing: grid of :func:`base.time_grid`; ``'karras'`` is EDM eq. 5.
+    spacing: grid of :func:`base.time_grid`; ``'karras'`` is EDM eq. 5. Use one that ends at ``t_end``
+      (``'karras'``, ``'log_snr'``, ``'linspace'``): with ``'trailing'`` the final x0-prediction comes from
+      ``t_start / num_steps``, far above ``t_min``.
     t_start: start time (SDEdit); ``x_T`` must then be the noised input at ``t_start``.
+    t_end: the last noise level before the final x0-prediction (default ``schedule.t_min``).
   """
-  denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
-                                clip_x0=clip_x0)
-  ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start)
-  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
+  schedule = denoiser.schedule
+  ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start, t_end=t_end)
   gamma_max = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
 
   def sigma_ve(t):
@@ -102,6 +104,5 @@ def edm_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[i
     x_ve_next = jax.lax.cond(t_next > 0, heun, lambda x_euler: x_euler, x_euler)
     return alpha_next * x_ve_next, state
 
-  x, trajectory = base.run(step, x, None, ts, rng_loop, schedule=schedule, inpaint=inpaint,
-                           return_trajectory=return_trajectory)
-  return base.SampleOutput(samples=x, nfe=2 * num_steps - 1, trajectory=trajectory)
+  return base.run(step, rng, shape, ts, schedule=schedule, nfe=2 * num_steps - 1, x_T=x_T, inpaint=inpaint,
+                  return_trajectory=return_trajectory)

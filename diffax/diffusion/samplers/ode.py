@@ -18,10 +18,10 @@ in ``t``: a fixed step in ``t`` loses its order where ``sigma_t ~ sqrt(beta_min 
 adaptive solves in ``t`` cost 2-3 times more steps for EDM (``t = sigma``) and discrete schedules than in
 ``u`` (measured on the ring mixture at rtol = atol = 1e-5: VP 22 vs 22, EDM 21 vs 48, cosine 40 vs 96 steps).
 
-* :func:`heun_ode_sample` takes Heun steps in ``sigma_bar`` (EDM Algorithm 1) over any ``base.time_grid``;
-  its Euler predictor is exactly a DDIM step. The last step, to the clean sentinel ``t = 0``
-  (``sigma_bar = 0``), is an Euler step of (H), which is exactly the x0-prediction (Tweedie denoising):
-  ``num_steps - 1`` Heun steps and one Euler step make ``2 num_steps - 1`` model evaluations (EDM's count).
+* Fixed steps: :func:`diffax.diffusion.samplers.edm.edm_heun_sample` (``s_churn = 0``) takes Heun steps in
+  ``sigma_bar`` (EDM Algorithm 1) over any ``base.time_grid``; its Euler predictor is exactly a DDIM step, and
+  its last step, to the clean sentinel ``t = 0`` (``sigma_bar = 0``), is an Euler step of (H), which is exactly
+  the x0-prediction (Tweedie denoising).
 * :func:`adaptive_ode_sample` and :func:`ode_encode` solve (H) in ``u`` with diffrax (``Tsit5`` or
   ``Dopri5``, PID step-size control; score-SDE uses RK45 with rtol = atol = 1e-5). One solve covers the
   whole batch: shared steps, error measured as the RMS over all entries (as score-SDE's ``solve_ivp`` on
@@ -42,7 +42,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from diffax.diffusion import parameterization
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import base
 from diffax.diffusion.schedules import Schedule
 
@@ -63,14 +63,12 @@ def flow_time(schedule: Schedule, t: Array | float) -> tuple[Array, Array]:
   return -0.5 * schedule.log_snr(t), alpha_t
 
 
-def probability_flow(model_fn: parameterization.ModelFn, *, schedule: Schedule, prediction: str = 'eps',
-                     sigma_data: float = 0.5, clip_x0: float | None = None) -> Callable[[Array, Array], Array]:
+def probability_flow(denoiser: Denoiser) -> Callable[[Array, Array], Array]:
   """The vector field of (H): ``(u [], x_bar [B, ...]) -> d x_bar / du`` [B, ...], one model evaluation.
 
   The model is evaluated at ``t = schedule.t_from_log_snr(-2 u)`` and ``x = alpha_t x_bar``.
   """
-  denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
-                                clip_x0=clip_x0)
+  schedule = denoiser.schedule
 
   def field(u, x_bar):
     u = jnp.asarray(u, jnp.float32)
@@ -105,93 +103,40 @@ def solve(vector_field: VectorField, y0: object, *, u0: Array, u1: Array, solver
   return y1, ys, nfe
 
 
-def heun_ode_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[int], *, schedule: Schedule,
-                    prediction: str = 'eps', num_steps: int = 18, spacing: str = 'karras',
-                    t_start: float | None = None, t_end: float | None = None, x_T: Array | None = None,
-                    clip_x0: float | None = None, sigma_data: float = 0.5, inpaint: base.Inpaint | None = None,
-                    return_trajectory: bool = False) -> base.SampleOutput:
-  """Samples [*shape] with Heun's method on (H); ``2 num_steps - 1`` model evaluations.
-
-  The grid is ``base.time_grid(schedule, num_steps, spacing, t_start=, t_end=)``: ``num_steps`` times from
-  ``t_start`` to ``t_end``, then the clean sentinel 0. A step from ``t`` to ``s > 0`` is
-
-    x_bar' = x_bar + (sigma_bar_s - sigma_bar_t) eps_hat(x_t, t)                        (Euler = DDIM)
-    x_bar_s = x_bar + (sigma_bar_s - sigma_bar_t) (eps_hat(x_t, t) + eps_hat(alpha_s x_bar', s)) / 2,
-
-  and the step to 0 returns ``x0_hat(x_t, t)``. Use a spacing that ends at ``t_end`` (``'karras'``,
-  ``'log_snr'``, ``'linspace'``): with ``'trailing'`` the final x0-prediction comes from
-  ``t_start / num_steps``, far above ``t_min``.
-
-  Args:
-    model_fn: ``(x_t [B, ...], t [B]) -> output`` in parameterisation ``prediction``.
-    rng: PRNG key for the prior draw (and the inpainting noise).
-    shape: [B, ...] of the samples.
-    num_steps: grid times; EDM's 18 (35 evaluations) by default.
-    spacing: see :func:`base.time_grid`; EDM's ``'karras'`` (rho = 7) by default.
-    t_start: start time (SDEdit); ``x_T`` must then be the noised input at ``t_start``.
-    t_end: last time before the final x0-prediction (default ``schedule.t_min``).
-  """
-  denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
-                                clip_x0=clip_x0)
-  ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start, t_end=t_end)
-  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
-
-  def step(x, state, t_cur, t_next, key):
-    del key
-    x0, eps = denoiser(x, t_cur)
-
-    def heun():
-      alpha_t, sigma_t = base.alpha_sigma_clean(schedule, t_cur)
-      alpha_s, sigma_s = base.alpha_sigma_clean(schedule, t_next)
-      h = sigma_s / alpha_s - sigma_t / alpha_t
-      x_bar = x / alpha_t
-      _, eps_next = denoiser(alpha_s * (x_bar + h * eps), t_next)
-      return alpha_s * (x_bar + 0.5 * h * (eps + eps_next))
-
-    return jax.lax.cond(t_next > 0, heun, lambda: x0), state
-
-  x, trajectory = base.run(step, x, None, ts, rng_loop, schedule=schedule, inpaint=inpaint,
-                           return_trajectory=return_trajectory)
-  return base.SampleOutput(samples=x, nfe=2 * num_steps - 1, trajectory=trajectory)
-
-
-def adaptive_ode_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[int], *,
-                        schedule: Schedule, prediction: str = 'eps', solver: str = 'tsit5', rtol: float = 1e-5,
-                        atol: float = 1e-5, max_steps: int = 4096, denoise: bool = True,
+def adaptive_ode_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, solver: str = 'tsit5',
+                        rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096, denoise: bool = True,
                         num_save_points: int = 11, t_start: float | None = None, t_end: float | None = None,
-                        x_T: Array | None = None, clip_x0: float | None = None, sigma_data: float = 0.5,
-                        inpaint: base.Inpaint | None = None, return_trajectory: bool = False) -> base.SampleOutput:
+                        x_T: Array | None = None, inpaint: base.Inpaint | None = None,
+                        return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] by solving (H) adaptively from ``t_start`` (``t_max``) to ``t_end`` (``t_min``).
 
   Args:
-    model_fn: ``(x_t [B, ...], t [B]) -> output`` in parameterisation ``prediction``.
+    denoiser: the model under its schedule and parameterisation.
     rng: PRNG key for the prior draw.
     shape: [B, ...] of the samples.
     solver: ``'tsit5'`` or ``'dopri5'``; ``rtol``, ``atol`` for the PID step-size controller, applied to
       ``x_bar = x / alpha_t``.
     max_steps: solver steps before giving up (an error at run time).
     denoise: finish with the x0-prediction at ``t_end`` (one more evaluation), like the last step of
-      :func:`heun_ode_sample`; otherwise return ``x`` at ``t_end``.
+      the fixed-step Heun sampler; otherwise return ``x`` at ``t_end``.
     num_save_points: with ``return_trajectory``, the trajectory holds ``x`` at this many times uniform in
       log-SNR from ``t_start`` to ``t_end`` (``x_T`` first, ``x(t_end)`` last): [num_save_points, *shape].
     t_start: start time (SDEdit); ``x_T`` must then be the noised input at ``t_start``.
     inpaint: not supported (known pixels would have to be replaced between solver steps); use
-      :func:`heun_ode_sample`.
+      :func:`diffax.diffusion.samplers.edm.edm_heun_sample`.
 
   Returns:
     ``SampleOutput`` whose ``nfe`` is an int32 array (module docstring).
   """
   if inpaint is not None:
     raise ValueError('adaptive_ode_sample cannot inpaint: known pixels would have to be replaced between '
-                     'solver steps, which one adaptive diffeqsolve does not allow. Use heun_ode_sample.')
-  denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
-                                clip_x0=clip_x0)
+                     'solver steps, which one adaptive diffeqsolve does not allow. Use edm_heun_sample.')
+  schedule = denoiser.schedule
   t_end = schedule.t_min if t_end is None else t_end
   u0, alpha0 = flow_time(schedule, schedule.t_max if t_start is None else t_start)
   u1, alpha1 = flow_time(schedule, t_end)
   x, _ = base.initial_x(schedule, rng, tuple(shape), x_T)
-  field = probability_flow(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
-                           clip_x0=clip_x0)
+  field = probability_flow(denoiser)
   save_us = jnp.linspace(u0, u1, num_save_points) if return_trajectory else None
   x_bar, trajectory, nfe = solve(field, x / alpha0, u0=u0, u1=u1, solver=solver, rtol=rtol, atol=atol,
                                  max_steps=max_steps, save_us=save_us)
@@ -205,19 +150,24 @@ def adaptive_ode_sample(model_fn: parameterization.ModelFn, rng: Array, shape: S
   return base.SampleOutput(samples=x, nfe=nfe, trajectory=trajectory)
 
 
-def ode_encode(model_fn: parameterization.ModelFn, x: Array, *, schedule: Schedule, prediction: str = 'eps',
-               solver: str = 'tsit5', rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
-               t_start: float | None = None, t_end: float | None = None,
-               sigma_data: float = 0.5) -> tuple[Array, Array]:
+def ode_encode(denoiser: Denoiser, x: Array, *, solver: str = 'tsit5', rtol: float = 1e-5, atol: float = 1e-5,
+               max_steps: int = 4096, t_start: float | None = None,
+               t_end: float | None = None) -> tuple[Array, Array]:
   """Maps data ``x`` [B, ...] (taken as ``x`` at ``t_start``) to its latent at ``t_end`` along (H).
 
   ``t_start`` defaults to ``schedule.t_min`` and ``t_end`` to ``schedule.t_max``: the inverse of
   ``adaptive_ode_sample(..., denoise=False)`` up to solver tolerance (DDIM sec. 5.4, latent interpolation).
   Returns ``(z [B, ...], nfe)``.
   """
+  schedule = denoiser.schedule
   u0, alpha0 = flow_time(schedule, schedule.t_min if t_start is None else t_start)
   u1, alpha1 = flow_time(schedule, schedule.t_max if t_end is None else t_end)
-  field = probability_flow(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data)
-  x_bar, _, nfe = solve(field, jnp.asarray(x, jnp.float32) / alpha0, u0=u0, u1=u1, solver=solver, rtol=rtol,
-                        atol=atol, max_steps=max_steps)
+  x_bar, _, nfe = solve(probability_flow(denoiser),
+                        jnp.asarray(x, jnp.float32) / alpha0,
+                        u0=u0,
+                        u1=u1,
+                        solver=solver,
+                        rtol=rtol,
+                        atol=atol,
+                        max_steps=max_steps)
   return alpha1 * x_bar, nfe

@@ -24,7 +24,8 @@ taken per example over all non-batch axes and averaged over the batch (as the re
 step size serves the batch), and ``alpha_i = (alpha_{t_i} / alpha_{t_{i+1}})^2``, the squared forward factor
 of the step just taken (the reference's ``1 - beta_i`` for VP and sub-VP, 1 for VE).
 
-Time grid (score-SDE): ``num_steps + 1`` times ``linspace(t_start, t_min)``; each of the ``num_steps``
+Time grid (score-SDE): ``num_steps + 1`` times ``base.time_grid(..., 'linspace')`` from ``t_start`` to
+``t_min`` (rounded to knots on a discrete schedule); each of the ``num_steps``
 steps is predictor then corrector (the paper's Alg. 1 order; the reference code runs the corrector first,
 which moves one corrector round from ``t_min`` to ``t_start``). With ``denoise=True`` (the default, the
 reference's ``noise_removal``) one more step returns Tweedie's ``x0_hat`` at ``t_min`` and the grid ends
@@ -40,8 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from diffax.diffusion import parameterization
+from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers import base
-from diffax.diffusion.schedules import Schedule
 
 Array = jax.Array
 PREDICTORS = ('euler_maruyama', 'reverse_diffusion', 'none')
@@ -53,16 +54,15 @@ def _per_example_norm(a: Array) -> Array:
   return jnp.sqrt(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=-1))
 
 
-def pc_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[int], *, schedule: Schedule,
-              prediction: str = 'eps', num_steps: int = 1000, predictor: str = 'reverse_diffusion',
-              corrector: str = 'langevin', snr: float = 0.16, n_corrector_steps: int = 1,
-              denoise: bool = True, t_start: float | None = None, x_T: Array | None = None,
-              clip_x0: float | None = None, sigma_data: float = 0.5, inpaint: base.Inpaint | None = None,
+def pc_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 1000,
+              predictor: str = 'reverse_diffusion', corrector: str = 'langevin', snr: float = 0.16,
+              n_corrector_steps: int = 1, denoise: bool = True, t_start: float | None = None,
+              x_T: Array | None = None, inpaint: base.Inpaint | None = None,
               return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with a predictor-corrector scheme; see the module docstring for the model calls.
 
   Args:
-    model_fn: ``(x_t [B, ...], t [B]) -> output`` in parameterisation ``prediction``.
+    denoiser: the model under its schedule and parameterisation.
     rng: PRNG key for the prior draw, the predictor and the corrector noise.
     shape: [B, ...] of the samples.
     num_steps: predictor steps ``N`` between ``t_start`` and ``schedule.t_min``.
@@ -74,6 +74,7 @@ def pc_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[in
     t_start: start time (SDEdit); ``x_T`` must then be the noised input at ``t_start``.
     return_trajectory: adds ``x`` at every grid time, ``x_T`` first: [num_steps + 1 + denoise, *shape].
   """
+  schedule = denoiser.schedule
   if predictor not in PREDICTORS:
     raise ValueError(f'Unknown predictor {predictor!r}; choose one of {PREDICTORS}.')
   if corrector not in CORRECTORS:
@@ -82,13 +83,10 @@ def pc_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[in
     raise ValueError(f'n_corrector_steps must be >= 0, got {n_corrector_steps}.')
   if predictor == 'none' and (corrector == 'none' or n_corrector_steps < 1):
     raise ValueError("predictor='none' needs corrector='langevin' with n_corrector_steps >= 1.")
-  denoiser = base.make_denoiser(model_fn, schedule=schedule, prediction=prediction, sigma_data=sigma_data,
-                                clip_x0=clip_x0)
-  t_start = schedule.t_max if t_start is None else t_start
-  ts = jnp.linspace(t_start, schedule.t_min, num_steps + 1, dtype=jnp.float32)
-  if denoise:
-    ts = jnp.append(ts, jnp.zeros((1,), jnp.float32))
-  x, rng_loop = base.initial_x(schedule, rng, tuple(shape), x_T)
+  # num_steps + 1 times uniform from t_start to t_min, then the clean sentinel (kept only for the denoising step).
+  ts = base.time_grid(schedule, num_steps + 1, 'linspace', t_start=t_start)
+  if not denoise:
+    ts = ts[:-1]
 
   def score(x, t):
     _, eps = denoiser(x, t)
@@ -133,7 +131,6 @@ def pc_sample(model_fn: parameterization.ModelFn, rng: Array, shape: Sequence[in
     x = jax.lax.cond(t_next > 0, lambda x: pc_step(x, t_cur, t_next, key), lambda x: denoiser(x, t_cur)[0], x)
     return x, state
 
-  x, trajectory = base.run(step, x, None, ts, rng_loop, schedule=schedule, inpaint=inpaint,
-                           return_trajectory=return_trajectory)
   model_calls = (predictor != 'none') + (n_corrector_steps if corrector != 'none' else 0)
-  return base.SampleOutput(samples=x, nfe=num_steps * model_calls + int(denoise), trajectory=trajectory)
+  return base.run(step, rng, shape, ts, schedule=schedule, nfe=num_steps * model_calls + int(denoise), x_T=x_T,
+                  inpaint=inpaint, return_trajectory=return_trajectory)
