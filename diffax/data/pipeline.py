@@ -35,14 +35,14 @@ Batch = dict[str, np.ndarray]
 
 def _preprocess(record: dict, rng: np.random.Generator, *, random_flip: bool, dequantize: bool) -> Batch:
   """One record ``{'image': uint8 [H, W, C], 'label'}`` -> ``{'x': float32 [H, W, C], 'cond': int32 []}``."""
-  u_HxWxC = record['image']
+  u = record['image']
   if random_flip and rng.random() < 0.5:
-    u_HxWxC = u_HxWxC[:, ::-1]
+    u = u[:, ::-1]
   if dequantize:
-    x_HxWxC = (u_HxWxC.astype(np.float32) + rng.random(u_HxWxC.shape, dtype=np.float32)) * np.float32(2 / 256) - 1
+    x = (u.astype(np.float32) + rng.random(u.shape, dtype=np.float32)) * np.float32(2 / 256) - 1
   else:
-    x_HxWxC = u_HxWxC.astype(np.float32) / np.float32(127.5) - 1
-  return {'x': x_HxWxC, 'cond': np.int32(record['label'])}
+    x = u.astype(np.float32) / np.float32(127.5) - 1
+  return {'x': x, 'cond': np.int32(record['label'])}
 
 
 def make_iterator(source: Source, *, global_batch_size: int, seed: int, shuffle: bool = True,

@@ -68,15 +68,15 @@ class DigitsMLP(nn.Module):
   """``x`` [B, 8, 8, 1] in [-1, 1] -> (penultimate features [B, 128], logits [B, 10])."""
 
   @nn.compact
-  def __call__(self, x_Bx8x8x1: Array) -> tuple[Array, Array]:
-    h_Bx256 = nn.relu(nn.Dense(256)(x_Bx8x8x1.reshape(x_Bx8x8x1.shape[0], -1)))
-    features_BxD = nn.relu(nn.Dense(FEATURE_DIM)(h_Bx256))
-    return features_BxD, nn.Dense(digits.NUM_CLASSES)(features_BxD)
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    h = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
+    features = nn.relu(nn.Dense(FEATURE_DIM)(h))
+    return features, nn.Dense(digits.NUM_CLASSES)(features)
 
 
 @jax.jit
-def _forward(params: Any, x_Bx8x8x1: Array) -> tuple[Array, Array]:
-  return DigitsMLP().apply({'params': params}, x_Bx8x8x1)
+def _forward(params: Any, x: Array) -> tuple[Array, Array]:
+  return DigitsMLP().apply({'params': params}, x)
 
 
 def _to_unit_range(images_u8: np.ndarray) -> np.ndarray:
@@ -90,19 +90,21 @@ def _init_params(rng: np.random.RandomState) -> dict[str, dict[str, np.ndarray]]
                          'bias': np.zeros((n,), np.float32)} for i, (m, n) in enumerate(zip(widths[:-1], widths[1:]))}
 
 
-def _shifted_crops(padded_Nx10x10x1: Array, idx_B: Array, offsets_Bx2: Array) -> Array:
-  """Images ``idx_B`` cut at ``offsets_Bx2`` from the padded set: the digits translated by ``offset - pad``."""
-  size = padded_Nx10x10x1.shape[1] - 2 * _RECIPE['max_shift']
-  rows_BxS = offsets_Bx2[:, :1] + jnp.arange(size)[None, :]
-  cols_BxS = offsets_Bx2[:, 1:] + jnp.arange(size)[None, :]
-  return padded_Nx10x10x1[idx_B[:, None, None], rows_BxS[:, :, None], cols_BxS[:, None, :]]
+def _shifted_crops(padded: Array, idx: Array, offsets: Array) -> Array:
+  """Images ``idx`` [B] cut at ``offsets`` [B, 2] from ``padded`` [N, 10, 10, 1]: the digits [B, 8, 8, 1]
+  translated by ``offset - pad``."""
+  size = padded.shape[1] - 2 * _RECIPE['max_shift']
+  rows = offsets[:, :1] + jnp.arange(size)[None, :]
+  cols = offsets[:, 1:] + jnp.arange(size)[None, :]
+  return padded[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 @functools.partial(jax.jit, static_argnames=('learning_rate', 'weight_decay'))
-def _train(params: Any, padded_Nx10x10x1: Array, y_N: Array, idx_TxB: Array, offsets_TxBx2: Array, *,
+def _train(params: Any, padded: Array, y: Array, idx_steps: Array, offsets_steps: Array, *,
            learning_rate: float, weight_decay: float) -> Any:
-  """AdamW with cosine decay over the ``T`` given minibatches (indices, shift offsets); one compiled program."""
-  tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, idx_TxB.shape[0]), weight_decay=weight_decay)
+  """AdamW with cosine decay over the ``T`` given minibatches (indices ``idx_steps`` [T, B], shift offsets
+  ``offsets_steps`` [T, B, 2]) of ``padded`` [N, 10, 10, 1] with labels ``y`` [N]; one compiled program."""
+  tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, idx_steps.shape[0]), weight_decay=weight_decay)
 
   def loss_fn(params, x, y):
     _, logits = DigitsMLP().apply({'params': params}, x)
@@ -110,12 +112,12 @@ def _train(params: Any, padded_Nx10x10x1: Array, y_N: Array, idx_TxB: Array, off
 
   def step(carry, batch):
     params, opt_state = carry
-    idx_B, offsets_Bx2 = batch
-    grads = jax.grad(loss_fn)(params, _shifted_crops(padded_Nx10x10x1, idx_B, offsets_Bx2), y_N[idx_B])
+    idx, offsets = batch
+    grads = jax.grad(loss_fn)(params, _shifted_crops(padded, idx, offsets), y[idx])
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
-  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), (idx_TxB, offsets_TxBx2))
+  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), (idx_steps, offsets_steps))
   return params
 
 
@@ -139,13 +141,13 @@ def train_params() -> Any:
   r = _RECIPE
   rng = np.random.RandomState(r['seed'])
   params = _init_params(rng)
-  idx_TxB = rng.randint(0, len(labels), (r['steps'], r['batch_size'])).astype(np.int32)
-  offsets_TxBx2 = rng.randint(0, 2 * r['max_shift'] + 1, (r['steps'], r['batch_size'], 2)).astype(np.int32)
+  idx_steps = rng.randint(0, len(labels), (r['steps'], r['batch_size'])).astype(np.int32)
+  offsets_steps = rng.randint(0, 2 * r['max_shift'] + 1, (r['steps'], r['batch_size'], 2)).astype(np.int32)
   pad = ((0, 0), (r['max_shift'], r['max_shift']), (r['max_shift'], r['max_shift']), (0, 0))
   padded = np.pad(_to_unit_range(images), pad, constant_values=-1.0)  # background is -1
   # optax's Adam bias correction computes ``float ** int32``, which strict dtype promotion rejects.
   with jax.default_device(jax.devices('cpu')[0]), jax.numpy_dtype_promotion('standard'):
-    params = _train(params, padded, labels, idx_TxB, offsets_TxBx2, learning_rate=r['learning_rate'],
+    params = _train(params, padded, labels, idx_steps, offsets_steps, learning_rate=r['learning_rate'],
                     weight_decay=r['weight_decay'])
   return jax.tree.map(np.asarray, params)
 

@@ -225,9 +225,9 @@ class FIDInceptionV3(nn.Module):
     x = InceptionD(p, name='Mixed_7a')(x)  # 8x8x1280
     x = FIDInceptionE('avg', p, name='Mixed_7b')(x)  # 8x8x2048
     x = FIDInceptionE('max', p, name='Mixed_7c')(x)  # 8x8x2048
-    pool_BxD = jnp.mean(x, axis=(1, 2))
-    logits_unbiased_BxK, logits_BxK = _Classifier(NUM_LOGITS, p, name='fc')(pool_BxD)
-    return {'pool': pool_BxD, 'logits': logits_BxK, 'logits_unbiased': logits_unbiased_BxK}
+    pool = jnp.mean(x, axis=(1, 2))  # [B, 2048]
+    logits_unbiased, logits = _Classifier(NUM_LOGITS, p, name='fc')(pool)
+    return {'pool': pool, 'logits': logits, 'logits_unbiased': logits_unbiased}
 
 
 def make_feature_fn(variables: dict, *, resize_input: bool = True,
