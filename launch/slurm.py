@@ -10,13 +10,16 @@ or 1 (``--per node``). JAX detects SLURM itself (``SLURM_STEP_NODELIST``, ``SLUR
 process per GPU each process takes the GPU at its ``SLURM_LOCALID``, so every task must see all of the node's
 GPUs (the script never binds GPUs per task). ``--kill-on-bad-exit`` ends the step when one process fails.
 The workdir must be on a filesystem every node shares; a resubmitted (or ``--requeue``-d) job resumes from
-the newest checkpoint there.
+the newest checkpoint there. ``submit_once`` submits one job per workdir and never queues it twice: it is how
+``experiments/sweep.py --launcher slurm`` submits one job per run.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+import json
+import pathlib
 import shlex
 import subprocess
 import sys
@@ -87,6 +90,44 @@ def submit(script_path: str) -> str:
   """Runs ``sbatch --parsable`` and returns the job id."""
   out = subprocess.run(['sbatch', '--parsable', script_path], check=True, capture_output=True, text=True).stdout
   return out.strip().split(';')[0]
+
+
+def queue_state(job_id: str) -> str:
+  """The job's state as ``squeue`` lists it (``PENDING``, ``RUNNING``, ...), or '' once it has left the queue."""
+  return subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T'], capture_output=True, text=True,
+                        check=False).stdout.strip()
+
+
+def submit_once(args: argparse.Namespace, commands: Sequence[Sequence[str]], *, workdir: str, job_name: str,
+                label: str, setup: Sequence[str] = (), epilogue: Sequence[str] = (), dry_run: bool = False) -> None:
+  """Writes ``<workdir>/job.sbatch`` and submits it, unless the job ``<workdir>/SUBMITTED`` names is still queued.
+
+  The job logs to ``<workdir>/slurm-<job id>.out``; ``SUBMITTED`` records its id, so submitting again (a sweep
+  started again) leaves a pending or running job alone and resubmits a finished or failed one. Prints one line,
+  starting with ``label``; ``dry_run`` prints the script and the ``sbatch`` command instead and touches nothing.
+
+  Args:
+    args: the job's options (``add_options``).
+    setup: shell lines run after ``args.setup``.
+    epilogue: shell lines run after every step succeeded (``sbatch_script``).
+  """
+  path = f'{workdir}/job.sbatch'
+  submitted = pathlib.Path(workdir) / 'SUBMITTED'
+  if submitted.exists() and not dry_run:
+    job_id = json.loads(submitted.read_text())['job_id']
+    if queued := queue_state(job_id):
+      print(f'{label}: job {job_id} is {queued.lower()}, not resubmitted.')
+      return
+  script = script_from_args(args, commands, job_name=job_name, output=f'{workdir}/slurm-%j.out', epilogue=epilogue,
+                            setup=[*args.setup, *setup])
+  if dry_run:
+    print(f'# {path}\n{script}# then: sbatch --parsable {shlex.quote(path)}\n')
+    return
+  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  pathlib.Path(path).write_text(script)
+  job_id = submit(path)
+  submitted.write_text(json.dumps({'job_id': job_id, 'script': path}))
+  print(f'{label}: submitted job {job_id} (log {workdir}/slurm-{job_id}.out).')
 
 
 def parser() -> argparse.ArgumentParser:

@@ -5,7 +5,10 @@ is also executed here against a stand-in checkout. The local launcher runs the r
 devices, and is checked for failure propagation and signal handling with tiny Python processes.
 """
 
+import argparse
 import io
+import json
+import os
 import shlex
 import subprocess
 import sys
@@ -123,6 +126,42 @@ def test_slurm_cli(tmp_path, capsys):
   assert path.read_text() + '# then: sbatch --parsable diffax.sbatch\n' == printed
   srun = shlex.split(path.read_text().splitlines()[-1])
   assert srun[:3] == ['srun', '--nodes=2', '--ntasks-per-node=8'] and srun[4:] == COMMAND
+
+
+def test_slurm_submit_once(tmp_path, capsys, monkeypatch):
+  """With stand-in ``sbatch`` / ``squeue``: a job still queued is left alone, one that left the queue is resubmitted."""
+  bin_dir, queue = tmp_path / 'bin', tmp_path / 'queue'
+  bin_dir.mkdir()
+  calls = tmp_path / 'calls'
+  (bin_dir / 'sbatch').write_text(f'#!/bin/bash\necho "$*" >> {calls}\necho "4$(wc -l < {calls});cluster"\n')
+  (bin_dir / 'squeue').write_text(f'#!/bin/bash\ncat {queue} 2>/dev/null\n')
+  for tool in ('sbatch', 'squeue'):
+    (bin_dir / tool).chmod(0o755)
+  monkeypatch.setenv('PATH', str(bin_dir), prepend=os.pathsep)
+  args = argparse.ArgumentParser()
+  slurm.add_options(args)
+  options = args.parse_args(['--setup', 'module load cuda'])
+  workdir = str(tmp_path / 'run')
+  submit = dict(workdir=workdir, job_name='s:run', label='run', setup=['cd x'], epilogue=['touch done'])
+  slurm.submit_once(options, [COMMAND], **submit, dry_run=True)
+  printed = capsys.readouterr().out
+  assert printed.startswith(f'# {workdir}/job.sbatch\n#!/bin/bash\n') and not (tmp_path / 'run').exists()
+  slurm.submit_once(options, [COMMAND], **submit)
+  script = (tmp_path / 'run' / 'job.sbatch').read_text()
+  assert printed == f'# {workdir}/job.sbatch\n{script}# then: sbatch --parsable {workdir}/job.sbatch\n\n'
+  lines = script.splitlines()
+  assert _sbatch_options(script)['--output'] == f'{workdir}/slurm-%j.out' and _bash_syntax_ok(script)
+  assert lines[lines.index('set -euo pipefail') + 1:][:2] == ['module load cuda', 'cd x'] and lines[-1] == 'touch done'
+  queue.write_text('RUNNING\n')
+  slurm.submit_once(options, [COMMAND], **submit)
+  queue.write_text('')
+  slurm.submit_once(options, [COMMAND], **submit)
+  assert capsys.readouterr().out.splitlines() == [f'run: submitted job 41 (log {workdir}/slurm-41.out).',
+                                                  'run: job 41 is running, not resubmitted.',
+                                                  f'run: submitted job 42 (log {workdir}/slurm-42.out).']
+  assert json.loads((tmp_path / 'run' / 'SUBMITTED').read_text()) == {'job_id': '42',
+                                                                      'script': f'{workdir}/job.sbatch'}
+  assert calls.read_text() == f'--parsable {workdir}/job.sbatch\n' * 2
 
 
 # ---------------------------------------------------------------------------------------------------- TPU VM

@@ -1,6 +1,6 @@
 """Sweeps: overrides, names and validation in-process; the runner and the collector on a real two-run sweep.
 
-The end-to-end part runs ``experiments/sweep.py`` on two 2-step runs of ``configs/digits.py:test`` (one compiled
+The end-to-end part runs ``experiments/sweep.py`` on two 2-step runs of ``configs/digits.py:runlocal`` (one compiled
 program, shared through the persistent compilation cache), runs it again (nothing is launched), resumes a run whose
 last checkpoint and marker were removed, evaluates one run's checkpoint through an eval-only sweep, and checks the
 collector's table and CSV against the event files and eval JSON read independently.
@@ -24,6 +24,9 @@ import trainer_runs
 sys.path.insert(0, str(trainer_runs.REPO / 'experiments'))
 import collect  # noqa: E402
 import sweep  # noqa: E402
+from sweeps_lib import jobs as jobs_lib  # noqa: E402
+from sweeps_lib import spec  # noqa: E402
+from sweeps_lib import validation  # noqa: E402
 
 TINY = {'train.num_steps': 2, 'train.checkpoint_every': 1, 'train.log_every': 1, 'train.sample_every': 0,
         'train.eval_every': 2, 'eval.num_samples_train': 16}
@@ -31,29 +34,29 @@ SAFE_NAME = r'[A-Za-z0-9._+=,-]+'
 
 
 def test_grid_and_product():
-  axes = sweep.product(sweep.grid('diffusion.schedule', ['linear', 'cosine']), sweep.grid('seed', [0, 1, 2]))
+  axes = spec.product(spec.grid('diffusion.schedule', ['linear', 'cosine']), spec.grid('seed', [0, 1, 2]))
   assert axes == [{'diffusion.schedule': s, 'seed': k} for s in ('linear', 'cosine') for k in (0, 1, 2)]
   zipped = [{'b': 2}, {'b': 3, 'c': 4}]
-  assert sweep.product(sweep.grid('a', [1]), zipped) == [{'a': 1, 'b': 2}, {'a': 1, 'b': 3, 'c': 4}]
-  with pytest.raises(sweep.SweepError, match="'a'"):
-    sweep.product(sweep.grid('a', [1]), sweep.grid('a', [2]))
+  assert spec.product(spec.grid('a', [1]), zipped) == [{'a': 1, 'b': 2}, {'a': 1, 'b': 3, 'c': 4}]
+  with pytest.raises(spec.SweepError, match="'a'"):
+    spec.product(spec.grid('a', [1]), spec.grid('a', [2]))
 
 
 def test_run_names_are_short_readable_and_safe():
-  runs = sweep.expand(sweep.Sweep(config='configs/digits.py', overrides=sweep.product(
-      sweep.grid('sample.num_steps', [5]), sweep.grid('train.num_steps', [100]),
-      sweep.grid('diffusion.schedule', ['linear']), sweep.grid('train.ema_decays', [(0.99, 0.999)]),
-      sweep.grid('train.ema_warmup', [False]), sweep.grid('optim.learning_rate', [3e-4]))))
+  runs = spec.expand(spec.Sweep(config='configs/digits.py', overrides=spec.product(
+      spec.grid('sample.num_steps', [5]), spec.grid('train.num_steps', [100]),
+      spec.grid('diffusion.schedule', ['linear']), spec.grid('train.ema_decays', [(0.99, 0.999)]),
+      spec.grid('train.ema_warmup', [False]), spec.grid('optim.learning_rate', [3e-4]))))
   assert runs[0].name == ('sample.num_steps=5,train.num_steps=100,schedule=linear,ema_decays=0.99+0.999,'
                           'ema_warmup=false,learning_rate=0.0003')
-  assert sweep.expand(sweep.Sweep(config='c.py'))[0].name == 'base'
-  long = sweep.run_name({'sample.kwargs.note': 'x' * 300}, {'sample.kwargs.note': 'note'})
+  assert spec.expand(spec.Sweep(config='c.py'))[0].name == 'base'
+  long = spec.run_name({'sample.kwargs.note': 'x' * 300}, {'sample.kwargs.note': 'note'})
   assert len(long) <= 120 and re.fullmatch(SAFE_NAME, long)
-  assert long != sweep.run_name({'sample.kwargs.note': 'x' * 299 + 'y'}, {'sample.kwargs.note': 'note'})
-  odd = sweep.run_name({'data.data_dir': '/a b/c:d'}, {'data.data_dir': 'data_dir'})
+  assert long != spec.run_name({'sample.kwargs.note': 'x' * 299 + 'y'}, {'sample.kwargs.note': 'note'})
+  odd = spec.run_name({'data.data_dir': '/a b/c:d'}, {'data.data_dir': 'data_dir'})
   assert odd == 'data_dir=_a_b_c_d' and re.fullmatch(SAFE_NAME, runs[0].name)
-  with pytest.raises(sweep.SweepError, match='share the workdir name'):
-    sweep.expand(sweep.Sweep(config='c.py', overrides=sweep.grid('data.data_dir', ['a b', 'a_b'])))
+  with pytest.raises(spec.SweepError, match='share the workdir name'):
+    spec.expand(spec.Sweep(config='c.py', overrides=spec.grid('data.data_dir', ['a b', 'a_b'])))
 
 
 @pytest.mark.parametrize('key, value', [('train.num_steps', 7), ('optim.learning_rate', 3e-4),
@@ -62,7 +65,7 @@ def test_run_names_are_short_readable_and_safe():
                                         ('train.async_checkpointing', False), ('data.data_dir', '/x/y z')])
 def test_overrides_parse_back_as_on_the_command_line(key, value):
   """What ``--config.KEY=flag_value(v)`` gives through ml_collections' flag parser is the sweep's value."""
-  config = sweep.parse_config('configs/digits.py:test', {key: value})
+  config = validation.parse_config('configs/digits.py:runlocal', {key: value})
   section, name = key.split('.')
   assert config[section][name] == value and type(config[section][name]) is type(
       trainer_runs.load_test_config()[section][name])
@@ -77,38 +80,38 @@ def test_overrides_parse_back_as_on_the_command_line(key, value):
     ({'train.num_steps': 0}, 'config.train.num_steps: must be positive'),
 ])
 def test_validation_names_the_run_and_key(overrides, message):
-  s = sweep.Sweep(config='configs/digits.py:test', overrides=[{'seed': 1}, overrides])
-  with pytest.raises(sweep.SweepError) as error:
-    sweep.validate(s, sweep.expand(s))
+  s = spec.Sweep(config='configs/digits.py:runlocal', overrides=[{'seed': 1}, overrides])
+  with pytest.raises(spec.SweepError) as error:
+    validation.validate(s, spec.expand(s))
   assert message in str(error.value) and str(error.value).startswith('run ')
 
 
 def test_validation_of_eval_steps_and_eval_only_sweeps():
-  s = sweep.Sweep(config='configs/digits.py:test', overrides=sweep.grid('seed', [0]), eval=True,
+  s = spec.Sweep(config='configs/digits.py:runlocal', overrides=spec.grid('seed', [0]), eval=True,
                   eval_overrides={'eval.num_samples': 0})
-  with pytest.raises(sweep.SweepError, match=r'run seed=0 \(eval\): config.eval.num_samples'):
-    sweep.validate(s, sweep.expand(s))
-  s = sweep.Sweep(config='configs/digits.py:test', source='w', overrides=sweep.grid('diffusion.prediction', ['v']))
-  with pytest.raises(sweep.SweepError, match=r'only sample\.\*, eval\.\*, mesh\.\* may vary'):
-    sweep.validate(s, sweep.expand(s))
-  open_section = sweep.Sweep(config='configs/digits.py:test', overrides=sweep.grid('sample.kwargs.eta', [0.5]),
+  with pytest.raises(spec.SweepError, match=r'run seed=0 \(eval\): config.eval.num_samples'):
+    validation.validate(s, spec.expand(s))
+  s = spec.Sweep(config='configs/digits.py:runlocal', source='w', overrides=spec.grid('diffusion.prediction', ['v']))
+  with pytest.raises(spec.SweepError, match=r'only sample\.\*, eval\.\*, mesh\.\* may vary'):
+    validation.validate(s, spec.expand(s))
+  open_section = spec.Sweep(config='configs/digits.py:runlocal', overrides=spec.grid('sample.kwargs.eta', [0.5]),
                              fixed={'sample.sampler': 'ddim'})
-  assert sweep.validate(open_section, sweep.expand(open_section)) == {'eta=0.5': 6}
+  assert validation.validate(open_section, spec.expand(open_section)) == {'eta=0.5': 6}
 
 
 def test_commands_and_selection(tmp_path):
-  s = sweep.Sweep(config='configs/digits.py:test', overrides=sweep.product(
-      sweep.grid('sample.sampler', ['ddim', 'dpm_solver']), sweep.grid('sample.num_steps', [5, 10])),
+  s = spec.Sweep(config='configs/digits.py:runlocal', overrides=spec.product(
+      spec.grid('sample.sampler', ['ddim', 'dpm_solver']), spec.grid('sample.num_steps', [5, 10])),
       fixed={'train.num_steps': 3}, eval=True, eval_overrides={'eval.num_samples': 64})
-  runs = sweep.expand(s)
-  assert [r.name for r in sweep.select(runs, ['sampler=ddim'])] == ['sampler=ddim,num_steps=5',
+  runs = spec.expand(s)
+  assert [r.name for r in spec.select(runs, ['sampler=ddim'])] == ['sampler=ddim,num_steps=5',
                                                                     'sampler=ddim,num_steps=10']
-  assert [r.name for r in sweep.select(runs, ['sample.num_steps=10', 'sampler=ddim', 'sampler=dpm_solver'])] == [
+  assert [r.name for r in spec.select(runs, ['sample.num_steps=10', 'sampler=ddim', 'sampler=dpm_solver'])] == [
       'sampler=ddim,num_steps=10', 'sampler=dpm_solver,num_steps=10']
-  jobs = sweep.make_jobs(s, runs[:1], {runs[0].name: 3}, root=str(tmp_path), python='python', logs='')
+  jobs = jobs_lib.make_jobs(s, runs[:1], {runs[0].name: 3}, root=str(tmp_path), python='python', logs='')
   train, evaluate = jobs[0].commands
   workdir = f'{tmp_path}/sampler=ddim,num_steps=5'
-  common = ['--config=configs/digits.py:test', f'--workdir={workdir}']
+  common = ['--config=configs/digits.py:runlocal', f'--workdir={workdir}']
   assert train == ['python', '-m', 'diffax.main', *common, '--mode=train', '--config.train.num_steps=3',
                    '--config.sample.sampler=ddim', '--config.sample.num_steps=5']
   assert evaluate == ['python', '-m', 'diffax.main', *common, '--mode=eval', '--config.train.num_steps=3',
@@ -126,8 +129,8 @@ def test_commands_and_selection(tmp_path):
 
 def test_slurm_launcher_writes_one_job_per_run(tmp_path, capsys):
   sweep_file = tmp_path / 'grid.py'
-  sweep_file.write_text('import sweep\nSWEEP = sweep.Sweep(config="configs/digits.py:test", '
-                        'overrides=sweep.grid("seed", [0, 1]))\n')
+  sweep_file.write_text('from sweeps_lib import spec\nSWEEP = spec.Sweep(config="configs/digits.py:runlocal", '
+                        'overrides=spec.grid("seed", [0, 1]))\n')
   code = sweep.main([str(sweep_file), '--root', str(tmp_path / 'root'), '--launcher', 'slurm', '--dry-run', '--',
                      '--nodes', '2', '--gpus-per-node', '4', '--partition', 'a100'])
   out = capsys.readouterr().out
@@ -137,16 +140,29 @@ def test_slurm_launcher_writes_one_job_per_run(tmp_path, capsys):
     assert f'#SBATCH --job-name=grid:seed={seed}\n' in out and f'#SBATCH --output={workdir}/slurm-%j.out\n' in out
     srun = next(shlex.split(l) for l in out.splitlines() if l.startswith('srun ') and f'seed={seed}' in l)
     assert srun[:4] == ['srun', '--nodes=2', '--ntasks-per-node=4', '--kill-on-bad-exit=1']
-    assert srun[4:] == sweep.command('configs/digits.py:test', str(workdir), 'train', {'seed': seed}, python='python')
+    assert srun[4:] == jobs_lib.command('configs/digits.py:runlocal', str(workdir), 'train', {'seed': seed},
+                                        python='python')
   assert out.count('#SBATCH --partition=a100\n') == 2 and out.count(' > ') == 2  # the DONE marker lines
+
+
+def test_sweep_files_import_the_spec(tmp_path):
+  good, old = tmp_path / 'good.py', tmp_path / 'old.py'
+  good.write_text('from sweeps_lib import spec\nSWEEP = spec.Sweep(config="c.py", overrides=spec.grid("seed", [0]))\n')
+  assert spec.load(good) == spec.Sweep(config='c.py', overrides=[{'seed': 0}])
+  old.write_text('import sweep\nSWEEP = sweep.Sweep(config="c.py")\n')
+  with pytest.raises(spec.SweepError, match='from sweeps_lib import spec'):
+    spec.load(old)
+  (tmp_path / 'none.py').write_text('SWEEPS = 1\n')
+  with pytest.raises(spec.SweepError, match='defines no SWEEP'):
+    spec.load(tmp_path / 'none.py')
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """A real two-run sweep, run once, again, and after losing its last checkpoint; plus an eval-only sweep."""
   tmp = tmp_path_factory.mktemp('sweep')
-  (tmp / 'tiny.py').write_text(f'import sweep\nSWEEP = sweep.Sweep(config="configs/digits.py:test", '
-                               f'overrides=sweep.grid("seed", [0, 1]), fixed={TINY!r})\n')
+  (tmp / 'tiny.py').write_text(f'from sweeps_lib import spec\nSWEEP = spec.Sweep(config="configs/digits.py:runlocal", '
+                               f'overrides=spec.grid("seed", [0, 1]), fixed={TINY!r})\n')
   root = tmp / 'root'
 
   def run(sweep_file, root_dir):
@@ -163,8 +179,8 @@ def trained(tmp_path_factory):
   (root / 'seed=1' / 'DONE').unlink()
   subprocess.run(['rm', '-r', str(root / 'seed=1' / 'checkpoints' / '2')], check=True)
   third = run(tmp / 'tiny.py', root)
-  (tmp / 'nfe.py').write_text(f'import sweep\nSWEEP = sweep.Sweep(config="configs/digits.py:test", source='
-                              f'"{root}/seed=0", overrides=sweep.grid("sample.sampler", ["ddim"]), '
+  (tmp / 'nfe.py').write_text(f'from sweeps_lib import spec\nSWEEP = spec.Sweep(config="configs/digits.py:runlocal", '
+                              f'source="{root}/seed=0", overrides=spec.grid("sample.sampler", ["ddim"]), '
                               f'fixed={{"sample.num_steps": 2, "eval.num_samples": 16}})\n')
   evaluated = run(tmp / 'nfe.py', tmp / 'nfe')
   return dict(root=root, nfe=tmp / 'nfe', first=first, second=second, third=third, evaluated=evaluated,

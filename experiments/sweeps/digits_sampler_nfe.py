@@ -5,8 +5,9 @@
   python experiments/collect.py workdirs/digits_sampler_nfe --plot workdirs/digits_sampler_nfe.png
 
 An eval-only sweep: every run evaluates the newest checkpoint of ``workdirs/digits`` (its ``checkpoints`` is a
-symlink there, see ``sweep.Sweep.source``) on 500 samples with one sampler (DDPM ancestral, DDIM, Heun on the
-probability-flow ODE, DPM-Solver++(2M)) at 5, 10, 20 or 50 steps, and writes its metrics to its own workdir.
+symlink there, see ``sweeps_lib.spec.Sweep.source``) on 500 samples with one sampler (DDPM ancestral, DDIM, Heun
+on the probability-flow ODE, DPM-Solver++(2M)) at 5, 10, 20 or 50 steps, and writes its metrics to its own
+workdir.
 The collector's table has the true number of model evaluations (``nfe``; Heun makes two per step but one on the
 last) and its plot draws each metric against ``sample.num_steps``, one line per sampler.
 
@@ -24,12 +25,12 @@ The deterministic first-order DDIM is the best at 5 steps; DPM-Solver++(2M) catc
 overshoots without clipping until ~20 steps (as in ``experiments/results/sampler_accuracy.md``).
 """
 
-import sweep
+from sweeps_lib import spec
 
-SWEEP = sweep.Sweep(
+SWEEP = spec.Sweep(
     config='configs/digits.py',
     source='workdirs/digits',
-    overrides=sweep.product(sweep.grid('sample.sampler', ['ddpm', 'ddim', 'heun_ode', 'dpm_solver']),
-                            sweep.grid('sample.num_steps', [5, 10, 20, 50])),
+    overrides=spec.product(spec.grid('sample.sampler', ['ddpm', 'ddim', 'heun_ode', 'dpm_solver']),
+                           spec.grid('sample.num_steps', [5, 10, 20, 50])),
     fixed={'eval.num_samples': 500},
 )

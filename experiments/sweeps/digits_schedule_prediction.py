@@ -24,12 +24,12 @@ v-prediction gives class-faithful guided samples far earlier (accuracy 0.88-0.89
 and the cosine schedule beats the linear one for both parameterisations, most for eps.
 """
 
-import sweep
+from sweeps_lib import spec
 
-SWEEP = sweep.Sweep(
+SWEEP = spec.Sweep(
     config='configs/digits.py',
-    overrides=sweep.product(
-        sweep.grid('diffusion.schedule', ['linear', 'cosine']),
+    overrides=spec.product(
+        spec.grid('diffusion.schedule', ['linear', 'cosine']),
         [{'diffusion.prediction': 'eps', 'diffusion.weighting': 'eps'},
          {'diffusion.prediction': 'v', 'diffusion.weighting': 'v'}]),
     fixed={
