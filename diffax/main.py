@@ -2,10 +2,11 @@
 
 Flags only: ``--config`` takes ``--config.section.key=value`` overrides (type-checked). With more than one
 process (a launcher sets ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or a Cloud
-TPU / SLURM environment that JAX detects) the multi-process runtime is initialised first.
+TPU / SLURM environment that JAX detects) the multi-process runtime is initialised first. The console shows
+progress, warnings and a summary; INFO logs go to ``WORKDIR/diffax.log`` (:mod:`diffax.trainer.console`), and
+compiled programs are cached on disk (``train.compilation_cache``, :mod:`diffax.trainer.compile_cache`).
 """
 
-import logging as py_logging
 import os
 
 from absl import app, flags, logging
@@ -36,25 +37,20 @@ def _distributed_args() -> dict[str, object] | None:
   return None
 
 
-class _LibraryInfoFilter(py_logging.Filter):
-  """Keeps Orbax's and grain's per-save INFO chatter out of the run log (their warnings and errors stay)."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno > py_logging.INFO or not any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain'))
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   import jax  # pylint: disable=g-import-not-at-top
 
   distributed = _distributed_args()
   if distributed is not None:
     jax.distributed.initialize(**distributed)
-  logging.info('Process %d of %d, %d local / %d global devices.', jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-  from diffax.trainer import evaluate, train  # pylint: disable=g-import-not-at-top
+  from diffax.trainer import console  # pylint: disable=g-import-not-at-top
 
+  console.setup_logging(FLAGS.workdir)
+  from diffax.trainer import compile_cache, evaluate, train  # pylint: disable=g-import-not-at-top
+  cache = compile_cache.enable(FLAGS.config.train.compilation_cache, FLAGS.workdir)
+  logging.info('Process %d of %d, %d local / %d global devices; compilation cache %s.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), cache or 'off')
   run = {'train': train.train_and_evaluate, 'sample': train.sample, 'eval': evaluate.evaluate,
          'reference': evaluate.reference_stats}[FLAGS.mode]
   run(FLAGS.config, FLAGS.workdir)

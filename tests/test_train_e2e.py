@@ -17,8 +17,23 @@ import trainer_runs
 def trained(tmp_path_factory):
   """One finished 6-step run (checkpoints every 2 steps), shared by the tests that only read it."""
   workdir = tmp_path_factory.mktemp('digits')
-  trainer_runs.run_main(os.path.relpath(workdir, trainer_runs.REPO), 'train.log_every=1')  # relative, as users type
+  proc = trainer_runs.run_main(os.path.relpath(workdir, trainer_runs.REPO), 'train.log_every=1')  # as users type
+  (workdir / 'console.txt').write_text(proc.stdout + '\n=== stderr\n' + proc.stderr)
   return workdir
+
+
+def test_console_shows_progress_and_a_summary_and_the_log_file_the_rest(trained):
+  """Not a terminal: one plain progress line per logged step, then where the results are; INFO records (CLU's
+  metric lines, Orbax, the trainer's own) are in WORKDIR/diffax.log and not on the console."""
+  stdout, stderr = (trained / 'console.txt').read_text().split('\n=== stderr\n')
+  progress = [l for l in stdout.splitlines() if l.startswith('step ')]
+  assert [l.split()[1] for l in progress] == [f'{n}/6' for n in range(1, 7)]
+  assert all(' loss ' in l for l in progress) and 'img/s' in progress[-1] and 'ETA' in progress[-1]
+  assert 'Stopped at step 6 of 6' in stdout and f'{trained / "checkpoints"} (steps [2, 4, 6])' in stdout
+  assert str(trained / 'samples' / 'step_00000006.png') in stdout
+  log = (trained / 'diffax.log').read_text()
+  assert 'Process 0 of 1' in log and 'train/loss' in log  # CLU's console writer logs the scalars at INFO
+  assert 'train/loss' not in stdout + stderr and 'Process 0 of 1' not in stderr
 
 
 def test_train_writes_checkpoints_metrics_and_samples(trained):

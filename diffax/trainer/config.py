@@ -84,6 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
       nan_policy='stop',  # 'stop' (keep the last good checkpoint) or 'skip' (drop the update)
       loss_buckets=4,  # loss broken down over this many equal bins of t
       peak_flops_per_device=0.0,  # for MFU; 0 = look up the device kind (unknown kinds report no MFU)
+      compilation_cache='user',  # 'user' (~/.cache/diffax/jax), 'workdir', a directory, or '' = off
   )
   c.sample = dict(
       sampler='dpm_solver',  # a key of samplers.SAMPLERS

@@ -10,7 +10,6 @@ N / num_classes samples), and writes the metrics through the CLU writers and to
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
 
-from diffax.trainer import components, config as config_lib, sharding
+from diffax.trainer import components, config as config_lib, console, sharding
 from diffax.data.pipeline import make_iterator
 from diffax.diffusion import samplers
 from diffax.evaluation import evaluators, stats
@@ -92,9 +91,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   return metrics
 
 
-def write_results(exp: Experiment, writer, step: int, metrics: dict, protocol: dict) -> None:
+def write_results(exp: Experiment, writer, step: int, metrics: dict, protocol: dict) -> str | None:
   """CLU scalars ``eval/<name>`` and ``workdir/eval/step_<n>_<sampler>-<steps>_w<scale>.json`` holding
-  ``{'step', 'metrics', 'protocol'}``; evaluations with different sampling settings never overwrite each other."""
+  ``{'step', 'metrics', 'protocol'}``; evaluations with different sampling settings never overwrite each other.
+  Returns the JSON's path (on process 0; None elsewhere)."""
   writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
   writer.flush()
   if jax.process_index() == 0:
@@ -105,7 +105,10 @@ def write_results(exp: Experiment, writer, step: int, metrics: dict, protocol: d
     path = exp.workdir / 'eval' / f'step_{step:08d}_{tag}.json'
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({'step': step, 'metrics': metrics, 'protocol': protocol}, indent=2))
-    logging.info('Step %d: %s (written to %s).', step, metrics, path)
+    shown = ', '.join(f'{k} {v:.4g}' for k, v in metrics.items())
+    console.say(f'Step {step}: {shown} (written to {path}).')
+    return str(path)
+  return None
 
 
 def reference_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -131,6 +134,6 @@ def reference_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   if jax.process_index() == 0:
     stats.save_reference_stats(config.eval.reference_stats, feature_stats.mean, feature_stats.cov,
                                features=evaluator.pool_features())
-    logging.info('Wrote the statistics of %d images of %s/%s to %s (sha256 %s).', count, config.data.name,
-                 config.data.split, config.eval.reference_stats, stats.file_sha256(config.eval.reference_stats))
+    console.say(f'Wrote the statistics of {count} images of {config.data.name}/{config.data.split} to '
+                f'{config.eval.reference_stats} (sha256 {stats.file_sha256(config.eval.reference_stats)}).')
   return config.eval.reference_stats

@@ -4,7 +4,6 @@ optimizer, the abstract sharded state and the checkpointer. Training, sampling a
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import jax
@@ -13,7 +12,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffax.trainer import checkpoint, components, config as config_lib, optim, sharding, train_state
+from diffax.trainer import checkpoint, components, config as config_lib, console, optim, sharding, train_state
 from diffax.data.pipeline import make_iterator
 from diffax.data.sources import get_source
 
@@ -74,7 +73,8 @@ class Experiment:
   def restore_or_init(self, data_iterator=None, *, step: int | None = None) -> train_state.TrainState:
     state = self.checkpointer.restore(self.abstract_state, data_iterator, step=step)
     if state is not None:
-      logging.info('Resumed from step %d in %s.', int(state.step), self.checkpointer.directory)
+      console.say(f'Resumed from step {int(state.step)} in {self.checkpointer.directory}.',
+                  enabled=jax.process_index() == 0)
       return state
     return train_state.create(self.init_params, self.optimizer, shardings=self.state_shardings,
                               **self._create_kwargs())

@@ -19,7 +19,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from diffax.trainer import evaluate, images, sharding, train_state, train_step
+from diffax.trainer import console, evaluate, images, sharding, train_state, train_step
 from diffax.trainer.experiment import Experiment
 
 PEAK_FLOPS = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
@@ -72,8 +72,8 @@ class _MetricsLog:
   """Step metrics as they are read back, one step late: :meth:`add` checks a step's finiteness and writes the
   averages of every ``train.log_every`` steps with the throughput since the last write."""
 
-  def __init__(self, exp: Experiment, writer, *, flops_per_step: float):
-    self.exp, self.writer, self.flops_per_step = exp, writer, flops_per_step
+  def __init__(self, exp: Experiment, writer, progress: console.Progress, *, flops_per_step: float):
+    self.exp, self.writer, self.progress, self.flops_per_step = exp, writer, progress, flops_per_step
     self.window: list[dict] = []
     self.host_seconds, self.start = 0.0, time.perf_counter()
 
@@ -81,6 +81,7 @@ class _MetricsLog:
     """``metrics`` of train step ``step`` (1-based); raises if it was not finite under ``nan_policy=stop``."""
     _check_finite(step, metrics, self.exp)
     self.window.append(metrics)
+    self.progress.update(step, float(metrics['loss']))
     if step % self.exp.config.train.log_every == 0:
       _write_train_metrics(self.writer, step, self.window, self.exp, elapsed=time.perf_counter() - self.start,
                            host_seconds=self.host_seconds, flops_per_step=self.flops_per_step)
@@ -98,17 +99,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   start = int(state.step)
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+  lead = jax.process_index() == 0
+  t0 = time.perf_counter()
   compiled = compile_train_step(exp)
   generate = exp.generate_fn(config.sample.num_samples)
+  console.say(f'Compiled the train step and the sampler in {time.perf_counter() - t0:.1f} s.', enabled=lead)
   report = periodic_actions.ReportProgress(num_train_steps=c.num_steps, writer=writer, every_steps=c.log_every)
-  log = _MetricsLog(exp, writer, flops_per_step=float((compiled.cost_analysis() or {}).get('flops', 0.0)))
-  evaluator = None
+  progress = console.Progress(c.num_steps, c.batch_size, every=c.log_every, enabled=lead)
+  log = _MetricsLog(exp, writer, progress, flops_per_step=float((compiled.cost_analysis() or {}).get('flops', 0.0)))
+  evaluator, eval_path = None, None
 
   previous = None  # (step, metrics) of the step dispatched before this one
   for step in range(start + 1, c.num_steps + 1):
-    t0 = time.perf_counter()
+    t_host = time.perf_counter()
     batch = sharding.global_batch(exp.model_batch(next(iterator)), exp.mesh)
-    log.host_seconds += time.perf_counter() - t0
+    log.host_seconds += time.perf_counter() - t_host
     state, metrics = compiled(state, batch)
     if previous is not None:
       log.add(*previous)  # reading step n - 1 back while step n runs
@@ -124,17 +129,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       evaluator.reset()
       results = evaluate.generate_and_evaluate(exp, exp.sample_params(state), evaluator,
                                                num_samples=config.eval.num_samples_train, seed=config.sample.seed + 1)
-      evaluate.write_results(exp, writer, step, *results)
+      progress.close()
+      eval_path = evaluate.write_results(exp, writer, step, *results)
     if stop:
       logging.warning('Pre-empted at step %d; the checkpoint is being finalised.', step)
       break
   if previous is not None:
     log.add(*previous)
+  progress.close()
   if int(state.step) == c.num_steps:
     _write_samples(exp, generate, exp.sample_params(state), c.num_steps, writer)
   exp.checkpointer.wait_until_finished()
   writer.flush()
+  if lead:
+    _summary(exp, int(state.step), eval_path, time.perf_counter() - t0)
   return state
+
+
+def _summary(exp: Experiment, step: int, eval_path: str | None, seconds: float) -> None:
+  """Where the run's results are, printed at its end."""
+  w = exp.workdir
+  samples = sorted((w / 'samples').glob('step_*.png'))
+  lines = [f'Stopped at step {step} of {exp.config.train.num_steps} after {seconds:.0f} s.',
+           f'  checkpoints  {exp.checkpointer.directory} (steps {exp.checkpointer.all_steps()})',
+           f'  metrics      tensorboard --logdir {w}']
+  if eval_path:
+    lines.append(f'  evaluation   {eval_path}')
+  if samples:
+    lines.append(f'  samples      {samples[-1]}')
+  log = console.log_path(str(w), 0)
+  if log.exists():
+    lines.append(f'  log          {log}')
+  console.say('\n'.join(lines))
 
 
 def _check_finite(step: int, metrics: dict, exp: Experiment) -> None:
@@ -202,6 +228,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
     path = exp.workdir / 'samples' / f'samples_step_{step:08d}.npz'
     with path.open('wb') as f:
       np.savez(f, images=images.to_uint8(samples), labels=labels)
-    logging.info('Wrote %d samples to %s.', len(samples), path)
+    console.say(f'Wrote {len(samples)} samples to {path}.')
   writer.flush()
   return samples

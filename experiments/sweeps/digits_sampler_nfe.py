@@ -18,7 +18,7 @@ clipping, 500 samples. digits_fd (digits_accuracy is 0.98-1.0 everywhere but for
   sampler      5 steps  10 steps  20 steps  50 steps
   ddpm         16.5     12.1      10.4      8.9
   ddim         12.2     10.2       9.4      8.8
-  heun_ode     31741    256       11.2       9.2     (NFE 9, 19, 39, 99)
+  edm_heun     31741    256       11.2       9.2     (NFE 9, 19, 39, 99)
   dpm_solver   19.2     10.3       9.5      8.8
 
 The deterministic first-order DDIM is the best at 5 steps; DPM-Solver++(2M) catches up by 10; second-order Heun
@@ -30,7 +30,7 @@ from sweeps_lib import spec
 SWEEP = spec.Sweep(
     config='configs/digits.py',
     source='workdirs/digits',
-    overrides=spec.product(spec.grid('sample.sampler', ['ddpm', 'ddim', 'heun_ode', 'dpm_solver']),
+    overrides=spec.product(spec.grid('sample.sampler', ['ddpm', 'ddim', 'edm_heun', 'dpm_solver']),
                            spec.grid('sample.num_steps', [5, 10, 20, 50])),
     fixed={'eval.num_samples': 500},
 )
