@@ -49,8 +49,9 @@ def main(argv):
   console.setup_logging(FLAGS.workdir)
   from diffax.trainer import compile_cache, evaluate, train  # pylint: disable=g-import-not-at-top
   cache = compile_cache.enable(FLAGS.config.train.compilation_cache, FLAGS.workdir)
-  logging.info('Process %d of %d, %d local / %d global devices; compilation cache %s.', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), cache or 'off')
+  # Every process prints this line, so a launcher's interleaved output shows that all of them came up.
+  console.say(f'Process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} local / '
+              f'{jax.device_count()} global devices; compilation cache {cache or "off"}.')
   run = {'train': train.train_and_evaluate, 'sample': train.sample, 'eval': evaluate.evaluate,
          'reference': evaluate.reference_stats}[FLAGS.mode]
   run(FLAGS.config, FLAGS.workdir)
