@@ -14,12 +14,20 @@ starts as the identity and the freshly initialised model outputs exactly zero; t
 reference code (facebookresearch/DiT, ``models.py``): Xavier-uniform linears, the patch embedding initialised like
 the linear map it is, label table and noise-level MLP N(0, 0.02^2).
 
+The same definition takes sequences and clips (``spatial_dims``): a waveform [B, L, C] becomes L / p tokens of
+p samples with a 1-D sin-cos embedding; a clip [B, T, H, W, C] becomes (T / p_t)(H / p)(W / p) space-time
+patches ("tubelets" of p_t x p x p, ViViT, Arnab et al. 2021, sec. 3.2) whose embedding is the 2-D one of their
+pixel position plus a 1-D one of their frame (Latte, Ma et al. 2024, sec. 3). Clips attend jointly over all
+tokens (space-time patches as in Sora's technical report) or, with ``attention='factorized'``, alternately
+within each frame and across frames at each position (Latte's interleaved variant 1; same parameters).
+
 Mixed precision: parameters are float32, matmuls (and the patch convolution) run in ``dtype``; the residual
 stream, the LayerNorms, the modulation arithmetic and the attention softmax stay in float32; the output is float32.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -34,8 +42,28 @@ Array = jax.Array
 xavier_uniform = nn.initializers.xavier_uniform()
 qkv_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
 """The reference's Xavier-uniform over its fused [D, 3D] qkv matrix, U(+-sqrt(6 / 4D)), on each [D, D] part."""
-patch_embed_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
-"""Xavier-uniform over the kernel [p, p, C, D] seen as the linear map [p p C, D] it is (the reference's init)."""
+
+
+def patch_embed_init(spatial_dims: int = 2):
+  """Xavier-uniform over the kernel [p, p, C, D] seen as the linear map [p p C, D] it is (the reference's init);
+  [p, C, D] for sequences, [p_t, p, p, C, D] for clips."""
+  return nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=tuple(range(spatial_dims + 1)),
+                                          out_axis=spatial_dims + 1)
+
+
+def sincos_pos_embed_1d(n: int, dim: int, *, max_period: float = 10_000.0) -> np.ndarray:
+  """Fixed 1-D sin-cos embedding of positions 0 .. n-1 (MAE's ``get_1d_sincos_pos_embed_from_grid``).
+
+  ``e(pos) = [sin(pos w_k), cos(pos w_k)]``, ``w_k = max_period^(-k / (dim / 2))``, k = 0 .. dim/2 - 1.
+
+  Returns:
+    [n, dim] float32 constant.
+  """
+  if dim % 2:
+    raise ValueError(f'The 1-D sin-cos embedding needs an even width, got {dim}.')
+  omega = max_period ** (-np.arange(dim // 2, dtype=np.float64) / (dim / 2))  # [dim/2]
+  args = np.arange(n, dtype=np.float64)[:, None] * omega[None, :]
+  return np.concatenate([np.sin(args), np.cos(args)], axis=1).astype(np.float32)
 
 
 def sincos_pos_embed_2d(h: int, w: int, dim: int, *, max_period: float = 10_000.0) -> np.ndarray:
@@ -58,6 +86,17 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int, *, max_period: float = 10_000.
     return np.concatenate([np.sin(args), np.cos(args)], axis=1)
 
   return np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1).astype(np.float32)
+
+
+def sincos_pos_embed(grid: tuple[int, ...], dim: int) -> np.ndarray:
+  """Position embedding [prod(grid), dim] of a token grid in row-major order: 1-D for ``(n,)``, 2-D for
+  ``(h, w)``, and for ``(t, h, w)`` the 2-D embedding of the pixel position plus the 1-D one of the frame."""
+  if len(grid) == 1:
+    return sincos_pos_embed_1d(grid[0], dim)
+  if len(grid) == 2:
+    return sincos_pos_embed_2d(*grid, dim)
+  t, h, w = grid
+  return (sincos_pos_embed_1d(t, dim)[:, None, :] + sincos_pos_embed_2d(h, w, dim)[None]).reshape(t * h * w, dim)
 
 
 def layer_norm(x: Array) -> Array:
@@ -100,7 +139,11 @@ class DiT(nn.Module):
   """Diffusion Transformer backbone: x [B, H, W, C], t [B], labels [B] or None -> [B, H, W, C_out] float32.
 
   Attributes:
-    patch_size: p; H and W must be multiples of it (T = HW / p^2 tokens).
+    patch_size: p; H and W must be multiples of it (T = HW / p^2 tokens); L for sequences.
+    spatial_dims: 1 for sequences [B, L, C], 2 for images, 3 for clips [B, T, H, W, C] (module docstring).
+    tubelet_size: (clips) frames per token, p_t; T must be a multiple of it.
+    attention: (clips) ``'joint'`` over all space-time tokens or ``'factorized'`` (even blocks within a frame,
+      odd blocks across frames).
     hidden_size: token width D (divisible by 4 for the 2-D position embedding and by ``num_heads``).
     depth: number of adaLN-Zero blocks.
     num_heads: attention heads.
@@ -126,30 +169,44 @@ class DiT(nn.Module):
   noise_embedding: str = 'sinusoidal'
   t_scale: float = 1000.0
   fourier_scale: float = 16.0
+  spatial_dims: int = 2
+  tubelet_size: int = 1
+  attention: str = 'joint'
   dtype: Any = jnp.float32
   remat: str = 'none'
+
+  def _patch(self) -> tuple[int, ...]:
+    p = self.patch_size
+    if self.spatial_dims not in (1, 2, 3):
+      raise ValueError(f'spatial_dims must be 1 (sequences), 2 (images) or 3 (clips), got {self.spatial_dims}.')
+    return {1: (p,), 2: (p, p), 3: (self.tubelet_size, p, p)}[self.spatial_dims]
 
   @nn.compact
   def __call__(self, x: Array, t: Array, cond: Array | None = None, *, train: bool = False) -> Array:
     """Denoiser output for ``x`` [B, H, W, C] at noise input ``t`` [B]; ``train`` is unused (DiT has no dropout)."""
     del train
     dtype = jnp.dtype(self.dtype)
-    if x.ndim != 4 or t.shape != x.shape[:1]:
-      raise ValueError(f'Expected x [B, H, W, C] and t [B]; got x {x.shape} and t {t.shape}.')
-    batch, height, width, channels = x.shape
-    p = self.patch_size
-    if height % p or width % p:
-      raise ValueError(f'Input {height}x{width} is not a multiple of the patch size {p}.')
+    patch = self._patch()
+    if x.ndim != self.spatial_dims + 2 or t.shape != x.shape[:1]:
+      expected = {1: '[B, L, C]', 2: '[B, H, W, C]', 3: '[B, T, H, W, C]'}[self.spatial_dims]
+      raise ValueError(f'Expected x {expected} (spatial_dims={self.spatial_dims}) and t [B]; got x {x.shape} and '
+                       f't {t.shape}.')
+    if self.attention not in ('joint', 'factorized') or (self.attention == 'factorized' and self.spatial_dims != 3):
+      raise ValueError(f"attention={self.attention!r}: choose 'joint', or 'factorized' for clips (spatial_dims=3).")
+    batch, *sizes, channels = x.shape
+    if any(size % q for size, q in zip(sizes, patch)):
+      raise ValueError(f'Input {"x".join(map(str, sizes))} is not a multiple of the patch size '
+                       f'{"x".join(map(str, patch))} (model.patch_size, tubelet_size for frames).')
     if (cond is None) != (self.num_classes is None):
       raise ValueError(f'num_classes={self.num_classes} needs labels [B] (the null label is num_classes), an '
                        f"unconditional model cond=None; got {'None' if cond is None else 'labels'}.")
     out_channels = (self.out_channels or channels) * (2 if self.learn_sigma else 1)
-    h, w = height // p, width // p
+    grid = tuple(size // q for size, q in zip(sizes, patch))
 
-    tokens = layers.conv(self.hidden_size, p, strides=p, dtype=dtype, kernel_init=patch_embed_init,
-                         name='patch_embed')(x)  # [B, h, w, D]
-    tokens = tokens.astype(jnp.float32).reshape(batch, h * w, self.hidden_size)
-    tokens = tokens + sincos_pos_embed_2d(h, w, self.hidden_size)[None]  # [B, T, D]
+    tokens = layers.conv(self.hidden_size, patch, strides=patch, dtype=dtype,
+                         kernel_init=patch_embed_init(self.spatial_dims), name='patch_embed')(x)  # [B, *grid, D]
+    tokens = tokens.astype(jnp.float32).reshape(batch, -1, self.hidden_size)
+    tokens = tokens + sincos_pos_embed(grid, self.hidden_size)[None]  # [B, T, D]
 
     c = layers.NoiseEmbedding(self.hidden_size, 256, kind=self.noise_embedding, t_scale=self.t_scale,
                               fourier_scale=self.fourier_scale, dtype=dtype,
@@ -160,16 +217,27 @@ class DiT(nn.Module):
 
     block = layers.maybe_remat(DiTBlock, self.remat)
     for i in range(self.depth):
-      tokens = block(self.num_heads, self.mlp_ratio, dtype, name=f'blocks_{i}')(tokens, c)
+      if self.attention == 'factorized':  # [B, t, hw, D] -> one sequence per frame, or per position across frames
+        frames = tokens.reshape(batch, grid[0], -1, self.hidden_size)
+        frames = frames if i % 2 == 0 else frames.transpose(0, 2, 1, 3)
+        groups = frames.shape[1]
+        out = block(self.num_heads, self.mlp_ratio, dtype, name=f'blocks_{i}')(
+            frames.reshape(batch * groups, -1, self.hidden_size), jnp.repeat(c, groups, axis=0))
+        out = out.reshape(frames.shape)
+        tokens = (out if i % 2 == 0 else out.transpose(0, 2, 1, 3)).reshape(batch, -1, self.hidden_size)
+      else:
+        tokens = block(self.num_heads, self.mlp_ratio, dtype, name=f'blocks_{i}')(tokens, c)
 
     shift, scale = jnp.split(layers.dense(2 * self.hidden_size, ('embed', 'mlp'), dtype=dtype,
                                           kernel_init=layers.zeros, name='final_adaLN_modulation')(nn.silu(c)),
                              2, axis=-1)
     tokens = modulate(layer_norm(tokens), shift.astype(jnp.float32), scale.astype(jnp.float32))
-    patches = layers.dense(p * p * out_channels, ('embed', 'patch'), dtype=dtype, kernel_init=layers.zeros,
-                           name='final_linear')(tokens)  # [B, T, p p C_out]
-    patches = patches.astype(jnp.float32).reshape(batch, h, w, p, p, out_channels)
-    return patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, out_channels)
+    patches = layers.dense(math.prod(patch) * out_channels, ('embed', 'patch'), dtype=dtype,
+                           kernel_init=layers.zeros, name='final_linear')(tokens)  # [B, T, p p C_out]
+    patches = patches.astype(jnp.float32).reshape(batch, *grid, *patch, out_channels)
+    n = len(grid)  # [B, g_1 .. g_n, p_1 .. p_n, C] -> [B, g_1, p_1, .., g_n, p_n, C]
+    order = (0, *(a for i in range(n) for a in (1 + i, 1 + n + i)), 1 + 2 * n)
+    return patches.transpose(order).reshape(batch, *sizes, out_channels)
 
 
 def _paper_preset(hidden_size: int, depth: int, num_heads: int, patch_size: int) -> dict[str, Any]:
@@ -182,7 +250,16 @@ _SIZES = {'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16), 'XL': (115
 DIT_PRESETS: dict[str, dict[str, Any]] = {
     **{f'DiT-{size}/{p}': _paper_preset(*dims, p) for size, dims in _SIZES.items() for p in (2, 4, 8)},
     'dit_tiny': dict(patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, learn_sigma=True),
+    # Latte (Ma et al. 2024, sec. 3): DiT-XL's width, depth and heads on tubelets of 1 x 2 x 2 latent pixels,
+    # blocks alternating within and across frames (variant 1), 16 frames of 32x32x4 latents.
+    'Latte-XL/2': dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16, spatial_dims=3, tubelet_size=1,
+                       attention='factorized'),
+    'dit1d_tiny': dict(patch_size=4, hidden_size=64, depth=2, num_heads=4, spatial_dims=1),
+    'dit3d_tiny': dict(patch_size=4, hidden_size=64, depth=2, num_heads=4, spatial_dims=3, tubelet_size=2,
+                       attention='factorized'),
 }
 """``DiT`` keyword arguments by name. ``DiT-{S,B,L,XL}/{2,4,8}``: the paper's models (Table 1: width D, depth,
 heads) for 256x256 ImageNet latents, input [32, 32, 4], 1000 classes, learned sigma (Table 4 gives their
-parameter counts: 33 M, 130 M, 458 M, 675 M). ``dit_tiny``: a CPU-sized model for tests (e.g. [16, 16, 1])."""
+parameter counts: 33 M, 130 M, 458 M, 675 M). ``dit_tiny``: a CPU-sized model for tests (e.g. [16, 16, 1]).
+``Latte-XL/2``: the video DiT of Latte; ``dit1d_tiny`` / ``dit3d_tiny``: CPU models for waveforms [L, C] (L a
+multiple of 4) and clips [T, H, W, C] (tubelets 2 x 4 x 4)."""

@@ -51,11 +51,17 @@ def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis: i
                          bias_init=partitioned(zeros, tuple(names)[-num_out:]), name=name)
 
 
-def conv(features: int, kernel_size: int = 3, *, strides: int = 1, dtype: Dtype = jnp.float32,
-         kernel_init: Callable = default_kernel_init, name: str | None = None) -> nn.Conv:
-  """A 'SAME'-padded ``nn.Conv`` whose kernel is named ``(None, None, 'conv_in', 'conv_out')``."""
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides), padding='SAME', dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=partitioned(kernel_init, (None, None, 'conv_in', 'conv_out')),
+def conv(features: int, kernel_size: int | Sequence[int] = 3, *, strides: int | Sequence[int] = 1,
+         dtype: Dtype = jnp.float32, kernel_init: Callable = default_kernel_init, name: str | None = None) -> nn.Conv:
+  """A 'SAME'-padded ``nn.Conv`` whose kernel is named ``(None, ..., None, 'conv_in', 'conv_out')``.
+
+  An int ``kernel_size`` / ``strides`` means a square 2-D kernel (images); a sequence gives one entry per spatial
+  axis: ``(k,)`` for sequences [B, L, C], ``(k, k)`` for images, ``(k_t, k, k)`` for clips [B, T, H, W, C].
+  """
+  kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+  strides = (strides,) * len(kernel) if isinstance(strides, int) else tuple(strides)
+  return nn.Conv(features, kernel, strides=strides, padding='SAME', dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=partitioned(kernel_init, (None,) * len(kernel) + ('conv_in', 'conv_out')),
                  bias_init=partitioned(zeros, ('conv_out',)), name=name)
 
 
@@ -165,7 +171,8 @@ class Attention(nn.Module):
   out_kernel_init: Callable = default_kernel_init
 
   @nn.compact
-  def __call__(self, x: Array, context: Array | None = None) -> Array:
+  def __call__(self, x: Array, context: Array | None = None, bias: Array | None = None) -> Array:
+    """``x`` [B, L, D], ``context`` [B, S, D_c] or None, ``bias`` added to the logits ([B or 1, H, L, S]) or None."""
     context = x if context is None else context
     width = self.out_features or x.shape[-1]
     head_dim = self.head_dim or width // self.num_heads
@@ -177,9 +184,52 @@ class Attention(nn.Module):
     v = dense(qkv_shape, ('embed', 'heads', 'kv'), dtype=self.dtype, kernel_init=self.kernel_init,
               name='value')(context)  # [B, S, H, Dh]
     with jax.numpy_dtype_promotion('standard'):  # its XLA path promotes bf16 logits with float32 internally
-      out = jax.nn.dot_product_attention(q, k, v)  # [B, L, H, Dh]
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias)  # [B, L, H, Dh]
     return dense(width, ('heads', 'kv', 'embed'), axis=(-2, -1), dtype=self.dtype,
                  kernel_init=self.out_kernel_init, name='out')(out)
+
+
+def relative_position_bucket(relative_position: np.ndarray, *, num_buckets: int = 32,
+                             max_distance: int = 128) -> np.ndarray:
+  """T5's bidirectional buckets of ``key - query`` offsets (Raffel et al. 2020, sec. 2.1; ``mesh_tensorflow``).
+
+  Half of the buckets hold the sign; within each half, offsets below ``num_buckets / 4`` get a bucket each and
+  larger ones share logarithmically wider buckets up to ``max_distance`` (beyond it, the last bucket).
+
+  Args:
+    relative_position: int offsets of any shape.
+
+  Returns:
+    int32 buckets in ``[0, num_buckets)`` of the same shape (host constants).
+  """
+  half = num_buckets // 2
+  n = np.abs(relative_position)
+  exact = half // 2
+  log_bucket = exact + (np.log(np.maximum(n, 1) / exact) / math.log(max_distance / exact) * (half - exact))
+  bucket = np.where(n < exact, n, np.minimum(log_bucket.astype(np.int64), half - 1))
+  return (bucket + half * (relative_position > 0)).astype(np.int32)
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head bias of the attention logits from T5-bucketed offsets (Shaw et al. 2018; Raffel et al. 2020).
+
+  Video Diffusion Models' temporal attention (Ho et al. 2022, sec. 3) uses relative position embeddings so the
+  frames need no absolute position and clips of any length share one table [num_buckets, heads].
+
+  Call: ``length`` (static int) -> bias [1, heads, length, length] float32 for :class:`Attention`.
+  """
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+
+  @nn.compact
+  def __call__(self, length: int) -> Array:
+    positions = np.arange(length)
+    buckets = relative_position_bucket(positions[None, :] - positions[:, None], num_buckets=self.num_buckets,
+                                       max_distance=self.max_distance)  # [L, L]
+    table = self.param('table', partitioned(nn.initializers.zeros, (None, 'heads')), (self.num_buckets,
+                                                                                       self.num_heads))
+    return jnp.asarray(table)[buckets].transpose(2, 0, 1)[None]  # [1, heads, L, L]
 
 
 REMAT_POLICIES: dict[str, Callable | None] = {

@@ -49,24 +49,59 @@ default_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
 """DDPM / score-SDE kernel initializer (``default_init(scale=1.)`` in both code bases)."""
 
 
-def upsample_nearest(x: Array) -> Array:
-  """[B, H, W, C] -> [B, 2H, 2W, C] by nearest-neighbour repetition."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def resampled_axes(spatial_dims: int) -> tuple[int, ...]:
+  """Axes of [B, *S, C] that the U-Net halves per level: all of them for sequences and images, H and W for clips
+  [B, T, H, W, C] (Video Diffusion Models keep the frame count at every level, Ho et al. 2022, sec. 3)."""
+  if spatial_dims not in (1, 2, 3):
+    raise ValueError(f'spatial_dims must be 1 (sequences), 2 (images) or 3 (clips), got {spatial_dims}.')
+  return (2, 3) if spatial_dims == 3 else tuple(range(1, spatial_dims + 1))
 
 
-def downsample_avg(x: Array) -> Array:
-  """[B, H, W, C] -> [B, H/2, W/2, C] by 2x2 average pooling (ADM's ``avg_pool_nd``, score-SDE's naive filter)."""
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-
-
-def resample_2x(x: Array, kind: str) -> Array:
-  """Parameter-free resampling by 2: ``kind`` is ``'up'``, ``'down'`` or ``'none'`` (identity)."""
-  if kind == 'up':
-    return upsample_nearest(x)
-  if kind == 'down':
-    return downsample_avg(x)
+def upsample_nearest(x: Array, axes: Sequence[int] = (1, 2)) -> Array:
+  """Nearest-neighbour repetition by 2 along ``axes``: [B, H, W, C] -> [B, 2H, 2W, C] by default."""
+  for axis in axes:
+    x = jnp.repeat(x, 2, axis=axis)
   return x
+
+
+def downsample_avg(x: Array, axes: Sequence[int] = (1, 2)) -> Array:
+  """Average pooling by 2 along ``axes``: [B, H, W, C] -> [B, H/2, W/2, C] by default (ADM's ``avg_pool_nd``,
+  score-SDE's naive filter)."""
+  shape = []
+  for axis, size in enumerate(x.shape):
+    shape += [size // 2, 2] if axis in axes else [size]
+  pooled = tuple(axis + i + 1 for i, axis in enumerate(sorted(axes)))  # the new length-2 axes
+  return x.reshape(shape).mean(axis=pooled)
+
+
+def resample_2x(x: Array, kind: str, axes: Sequence[int] = (1, 2)) -> Array:
+  """Parameter-free resampling by 2 along ``axes``: ``kind`` is ``'up'``, ``'down'`` or ``'none'`` (identity)."""
+  if kind == 'up':
+    return upsample_nearest(x, axes)
+  if kind == 'down':
+    return downsample_avg(x, axes)
+  return x
+
+
+def conv_kernel(spatial_dims: int, k: int) -> tuple[int, ...]:
+  """Kernel of a U-Net convolution: ``(k,)``, ``(k, k)``, or space-only ``(1, k, k)`` for clips (VDM, sec. 3:
+  "each 3x3 convolution becomes a 1x3x3 convolution")."""
+  return (1, k, k) if spatial_dims == 3 else (k,) * spatial_dims
+
+
+class TemporalConv(nn.Module):
+  """Residual temporal convolution of a clip: ``x + conv_t(x)`` with a zero-initialised (3, 1, 1) kernel.
+
+  The factorised (2+1)-D convolution of Imagen Video (Ho et al. 2022b, sec. 2.3) and Make-A-Video (Singer et
+  al. 2022, sec. 3.2): a space-only convolution followed by one over frames, which starts as the identity.
+
+  Call: ``x`` [B, T, H, W, C] -> [B, T, H, W, C].
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return x + layers.conv(x.shape[-1], (3, 1, 1), dtype=self.dtype, kernel_init=layers.zeros, name='conv')(x)
 
 
 def layer_norm(x: Array, *, name: str) -> Array:
@@ -89,6 +124,9 @@ class ResBlock(nn.Module):
     block resamples (score-SDE's ``ResnetBlockBigGANpp``; ADM keeps the identity).
   * ``skip_rescale``: ``out / sqrt(2)`` (DDPM++ / NCSN++, Song et al. 2021, app. H).
 
+  ``spatial_dims`` 1 / 2 / 3 takes sequences [B, L, C], images or clips [B, T, H, W, C] (space-only 1x3x3
+  convolutions, frames never resampled; ``temporal_conv`` follows each with a :class:`TemporalConv`).
+
   Call: ``x`` [B, H, W, C_in], ``emb`` [B, E], ``train`` (dropout) -> [B, H', W', out_ch] in ``dtype``.
   """
   out_ch: int
@@ -98,25 +136,35 @@ class ResBlock(nn.Module):
   skip_rescale: bool = False
   resample: str = 'none'
   resample_skip_conv: bool = False
+  spatial_dims: int = 2
+  temporal_conv: bool = False
   dtype: Dtype = jnp.float32
+
+  def _conv(self, h: Array, kernel_init, name: str) -> Array:
+    h = layers.conv(self.out_ch, conv_kernel(self.spatial_dims, 3), dtype=self.dtype, kernel_init=kernel_init,
+                    name=name)(h)
+    return TemporalConv(self.dtype, name=f'{name}_temporal')(h) if self.temporal_conv else h
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
+    axes = resampled_axes(self.spatial_dims)
     h = nn.silu(layers.group_norm(self.num_groups, name='norm_0')(x))
-    h, x = resample_2x(h, self.resample), resample_2x(x, self.resample)
-    h = layers.conv(self.out_ch, dtype=self.dtype, kernel_init=default_init, name='conv_0')(h)
+    h, x = resample_2x(h, self.resample, axes), resample_2x(x, self.resample, axes)
+    h = self._conv(h, default_init, 'conv_0')
     emb_width = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
     emb_out = layers.dense(emb_width, ('embed', 'conv_out'), dtype=self.dtype, kernel_init=default_init,
-                           name='emb_proj')(nn.silu(emb))[:, None, None, :]  # [B, 1, 1, emb_width]
+                           name='emb_proj')(nn.silu(emb))
+    emb_out = emb_out.reshape(emb_out.shape[:1] + (1,) * self.spatial_dims + emb_out.shape[1:])  # [B, 1.., emb]
     if self.scale_shift_norm:
       scale, shift = jnp.split(emb_out.astype(jnp.float32), 2, axis=-1)
       h = layers.group_norm(self.num_groups, name='norm_1')(h) * (1.0 + scale) + shift
     else:
       h = layers.group_norm(self.num_groups, name='norm_1')(h + emb_out)
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
-    h = layers.conv(self.out_ch, dtype=self.dtype, kernel_init=layers.zeros, name='conv_1')(h)
+    h = self._conv(h, layers.zeros, 'conv_1')
     if x.shape[-1] != self.out_ch or (self.resample != 'none' and self.resample_skip_conv):
-      x = layers.conv(self.out_ch, 1, dtype=self.dtype, kernel_init=default_init, name='skip')(x)
+      x = layers.conv(self.out_ch, (1,) * self.spatial_dims, dtype=self.dtype, kernel_init=default_init,
+                      name='skip')(x)
     out = x + h
     return out * (1.0 / math.sqrt(2.0)) if self.skip_rescale else out
 
@@ -127,20 +175,34 @@ class AttnBlock(nn.Module):
   ``out = x + proj_out(attention(GN(x)))`` with ``proj_out`` zero-initialised; ``num_heads=1`` is DDPM's
   single-head attention with scale ``C^-1/2``. ``skip_rescale`` divides by sqrt(2) (score-SDE's ``AttnBlockpp``).
 
-  Call: ``x`` [B, H, W, C] -> [B, H, W, C].
+  ``axis`` picks the tokens of a clip [B, T, H, W, C], as in Video Diffusion Models' factorised space-time
+  attention (Ho et al. 2022, sec. 3): ``'space'`` attends over the H*W pixels of each frame, ``'time'`` over the T
+  frames at each pixel, with a learned :class:`~diffax.models.layers.RelativePositionBias` between frames.
+  Sequences [B, L, C] and images attend over all positions (``'space'``).
+
+  Call: ``x`` [B, H, W, C] (or [B, L, C], [B, T, H, W, C]) -> the same shape.
   """
   num_heads: int = 1
   num_groups: int = 32
   skip_rescale: bool = False
+  axis: str = 'space'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    b, height, width, c = x.shape
-    h = layers.group_norm(self.num_groups, name='norm')(x).reshape(b, height * width, c)
+    c = x.shape[-1]
+    h = layers.group_norm(self.num_groups, name='norm')(x)  # statistics over the whole example (clip)
+    bias = None
+    if self.axis == 'time':
+      h = jnp.moveaxis(h, 1, -2)  # [B, T, H, W, C] -> [B, H, W, T, C]
+      bias = layers.RelativePositionBias(self.num_heads, name='relative_position')(x.shape[1])
+    elif self.axis != 'space':
+      raise ValueError(f"Unknown attention axis {self.axis!r}; choose 'space' or 'time'.")
+    moved = h.shape
+    tokens = moved[-2] if self.axis == 'time' else math.prod(moved[2:-1] if x.ndim == 5 else moved[1:-1])
     h = layers.Attention(self.num_heads, c // self.num_heads, dtype=self.dtype, out_kernel_init=layers.zeros,
-                         name='attn')(h)
-    out = x + h.reshape(b, height, width, c)
+                         name='attn')(h.reshape(-1, tokens, c), bias=bias).reshape(moved)
+    out = x + (jnp.moveaxis(h, -2, 1) if self.axis == 'time' else h)
     return out * (1.0 / math.sqrt(2.0)) if self.skip_rescale else out
 
 
@@ -175,6 +237,9 @@ class SpatialTransformer(nn.Module):
   ``out = x + proj_out(blocks(proj_in(GN(x)), context))``: 1x1 projections around ``depth``
   :class:`TransformerBlock` layers over the H*W pixels; ``proj_out`` is zero-initialised.
 
+  Sequences [B, L, C] attend over their L positions; clips [B, T, H, W, C] over the H*W pixels of each frame
+  (the context repeated per frame).
+
   Call: ``x`` [B, H, W, C], ``context`` [B, S, D_c] -> [B, H, W, C].
   """
   num_heads: int = 8
@@ -184,12 +249,15 @@ class SpatialTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, context: Array) -> Array:
-    b, height, width, c = x.shape
+    c, ones = x.shape[-1], (1,) * (x.ndim - 2)
     h = layers.group_norm(self.num_groups, name='norm')(x)
-    h = layers.conv(c, 1, dtype=self.dtype, kernel_init=default_init, name='proj_in')(h).reshape(b, height * width, c)
+    h = layers.conv(c, ones, dtype=self.dtype, kernel_init=default_init, name='proj_in')(h)
+    if x.ndim == 5:  # one sequence per frame
+      context = jnp.repeat(context, x.shape[1], axis=0)
+    h = h.reshape(context.shape[0], -1, c)
     for i in range(self.depth):
       h = TransformerBlock(self.num_heads, dtype=self.dtype, name=f'block_{i}')(h, context)
-    h = layers.conv(c, 1, dtype=self.dtype, kernel_init=layers.zeros, name='proj_out')(h.reshape(b, height, width, c))
+    h = layers.conv(c, ones, dtype=self.dtype, kernel_init=layers.zeros, name='proj_out')(h.reshape(x.shape))
     return x + h
 
 
@@ -216,6 +284,13 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     # CPU-trainable default for 8x8 to 32x32 inputs (e.g. digits) in the ADM style: 1.9 M parameters.
     'unet_small': dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,), num_head_channels=32,
                        dropout=0.1, num_groups=8, resblock_updown=True, scale_shift_norm=True),
+    # CPU test / training models for waveforms [B, L, C] (L = 64 .. 1024; attention at length 16): 0.13 M ...
+    'unet1d_tiny': dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), num_heads=2,
+                        num_groups=4, spatial_dims=1),
+    # ... and for clips [B, T, H, W, C] (e.g. 8-16 frames of 16x16 or 32x32; factorised attention at 8x8, temporal
+    # convolutions): 0.23 M.
+    'unet3d_tiny': dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, num_groups=4,
+                        spatial_dims=3, temporal_conv=True),
 }
 """Named :class:`UNet` keyword arguments; each comment gives the published parameter count and its source."""
 
@@ -246,6 +321,15 @@ class UNet(nn.Module):
     transformer_depth: transformer layers per spatial transformer.
     learn_sigma: double the output channels (ADM / improved DDPM's learned variance), channels-last.
     out_channels: output channels before ``learn_sigma`` doubling (default: input channels).
+    spatial_dims: rank of the data: 1 for sequences [B, L, C] (audio), 2 for images [B, H, W, C], 3 for clips
+      [B, T, H, W, C] (Video Diffusion Models, Ho et al. 2022: space-only 1x3x3 convolutions, H and W resampled
+      and T kept, every attention a spatial one followed by a temporal one). ``attn_resolutions`` count L, or H.
+    temporal_conv: (clips) a zero-initialised temporal (3, 1, 1) convolution after every space-only convolution
+      of the ResBlocks ((2+1)-D convolutions of Imagen Video, sec. 2.3).
+    frame_conditioning: (clips) ``cond`` is ``{'frames': [B, T, H, W, C], 'mask': [B, T]}`` (plus ``'labels'``
+      [B] with ``num_classes``): the known frames (mask 1) and the mask enter as extra input channels, so one
+      model predicts future frames, interpolates between given ones, or generates from none (mask 0; the
+      condition dropout of the losses zeroes both) - the masked conditioning of MCVD (Voleti et al. 2022).
     dtype: compute dtype of convolutions and matmuls (``jnp.float32``, ``jnp.bfloat16`` or its name).
     remat: rematerialisation policy per ResBlock / attention block (``'none'`` or a key of
       :data:`diffax.models.layers.REMAT_POLICIES`).
@@ -272,6 +356,9 @@ class UNet(nn.Module):
   transformer_depth: int = 1
   learn_sigma: bool = False
   out_channels: int | None = None
+  spatial_dims: int = 2
+  temporal_conv: bool = False
+  frame_conditioning: bool = False
   dtype: Any = jnp.float32
   remat: str = 'none'
 
@@ -286,12 +373,35 @@ class UNet(nn.Module):
       raise ValueError(f'num_heads={heads} does not divide the width {width}.')
     return heads
 
+  def _split_cond(self, x: Array, cond: Any) -> tuple[Array | None, Array | None]:
+    """(labels or context, frames and mask as [B, T, H, W, C + 1] input channels or None) of ``cond``."""
+    if not self.frame_conditioning:
+      return cond, None
+    if self.spatial_dims != 3:
+      raise ValueError(f'frame_conditioning needs clips (spatial_dims=3), got spatial_dims={self.spatial_dims}.')
+    if not isinstance(cond, dict) or 'frames' not in cond or 'mask' not in cond:
+      keys = sorted(cond) if isinstance(cond, dict) else type(cond).__name__
+      raise ValueError("frame_conditioning is set: pass cond={'frames': [B, T, H, W, C], 'mask': [B, T]} (and "
+                       f"'labels' with num_classes); got {keys}.")
+    frames, mask = cond['frames'], cond['mask']
+    if frames.shape != x.shape or mask.shape != x.shape[:2]:
+      raise ValueError(f"cond['frames'] must be {x.shape} and cond['mask'] {x.shape[:2]} (x's [B, T, H, W, C]); "
+                       f'got {frames.shape} and {mask.shape}.')
+    mask = jnp.asarray(mask, jnp.float32)[:, :, None, None, None] * jnp.ones_like(x[..., :1])  # [B, T, H, W, 1]
+    return cond.get('labels'), jnp.concatenate([frames * mask, mask], axis=-1).astype(x.dtype)
+
   def _check_inputs(self, x: Array, t: Array, cond: Array | None) -> None:
-    if x.ndim != 4 or t.shape != x.shape[:1]:
-      raise ValueError(f'Expected x [B, H, W, C] and t [B]; got x {x.shape} and t {t.shape}.')
+    axes = resampled_axes(self.spatial_dims)
+    if x.ndim != self.spatial_dims + 2 or t.shape != x.shape[:1]:
+      expected = {1: '[B, L, C]', 2: '[B, H, W, C]', 3: '[B, T, H, W, C]'}[self.spatial_dims]
+      raise ValueError(f'Expected x {expected} (spatial_dims={self.spatial_dims}) and t [B]; got x {x.shape} and '
+                       f't {t.shape}.')
     factor = 2 ** (len(self.ch_mult) - 1)
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f'H and W ({x.shape[1:3]}) must be divisible by 2^(len(ch_mult) - 1) = {factor}.')
+    if any(x.shape[a] % factor for a in axes):
+      raise ValueError(f'The resampled sizes {tuple(x.shape[a] for a in axes)} must be divisible by '
+                       f'2^(len(ch_mult) - 1) = {factor}.')
+    if self.temporal_conv and self.spatial_dims != 3:
+      raise ValueError(f'temporal_conv needs clips (spatial_dims=3), got spatial_dims={self.spatial_dims}.')
     if self.num_classes is not None and self.context_dim is not None:
       raise ValueError('Set num_classes (labels) or context_dim (cross-attention), not both.')
     if self.num_classes is not None and (cond is None or cond.shape != x.shape[:1]):
@@ -308,12 +418,15 @@ class UNet(nn.Module):
   def __call__(self, x: Array, t: Array, cond: Array | None = None, *, train: bool = False) -> Array:
     """Network output for ``x`` [B, H, W, C] at noise input ``t`` [B] -> [B, H, W, C_out] float32.
 
-    ``cond``: labels [B] int (``num_classes`` set), a context [B, L, context_dim] (``context_dim`` set), or None.
-    ``C_out`` is ``out_channels`` (default C), doubled by ``learn_sigma``.
+    ``cond``: labels [B] int (``num_classes`` set), a context [B, L, context_dim] (``context_dim`` set), or None;
+    with ``frame_conditioning`` a dict of ``'frames'``, ``'mask'`` and those. ``C_out`` is ``out_channels``
+    (default C), doubled by ``learn_sigma``. Sequences [B, L, C] and clips [B, T, H, W, C] with ``spatial_dims``.
     """
     t = jnp.asarray(t, jnp.float32)
+    cond, frame_inputs = self._split_cond(x, cond)
     self._check_inputs(x, t, cond)
     dtype = jnp.dtype(self.dtype)
+    axes = resampled_axes(self.spatial_dims)
     res_block = layers.maybe_remat(ResBlock, self.remat, static_argnums=(3,))
     attn_block = layers.maybe_remat(AttnBlock, self.remat)
     transformer = layers.maybe_remat(SpatialTransformer, self.remat)
@@ -329,32 +442,43 @@ class UNet(nn.Module):
     def block(name: str, h: Array, width: int, kind: str = 'none') -> Array:
       return res_block(width, dropout=self.dropout, num_groups=self.num_groups,
                        scale_shift_norm=self.scale_shift_norm, skip_rescale=self.skip_rescale, resample=kind,
-                       resample_skip_conv=self.resample_skip_conv, dtype=dtype, name=name)(h, emb, train)
+                       resample_skip_conv=self.resample_skip_conv, spatial_dims=self.spatial_dims,
+                       temporal_conv=self.temporal_conv, dtype=dtype, name=name)(h, emb, train)
 
     def attention(name: str, h: Array) -> Array:
       if context is None:
-        return attn_block(self._heads(h.shape[-1]), num_groups=self.num_groups, skip_rescale=self.skip_rescale,
-                          dtype=dtype, name=name)(h)
-      if h.shape[-1] % self.context_heads:
+        h = attn_block(self._heads(h.shape[-1]), num_groups=self.num_groups, skip_rescale=self.skip_rescale,
+                       dtype=dtype, name=name)(h)
+      elif h.shape[-1] % self.context_heads:
         raise ValueError(f'context_heads={self.context_heads} does not divide the width {h.shape[-1]}.')
-      return transformer(self.context_heads, depth=self.transformer_depth, num_groups=self.num_groups, dtype=dtype,
-                         name=name)(h, context)
+      else:
+        h = transformer(self.context_heads, depth=self.transformer_depth, num_groups=self.num_groups, dtype=dtype,
+                        name=name)(h, context)
+      if self.spatial_dims == 3:  # factorised space-time attention (VDM): then over the frames at each pixel
+        h = attn_block(self._heads(h.shape[-1]), num_groups=self.num_groups, skip_rescale=self.skip_rescale,
+                       axis='time', dtype=dtype, name=f'{name}_temporal')(h)
+      return h
+
+    def conv(name: str, h: Array, width: int, *, strides: Sequence[int] | int = 1, kernel_init=default_init):
+      return layers.conv(width, conv_kernel(self.spatial_dims, 3), strides=strides, dtype=dtype,
+                         kernel_init=kernel_init, name=name)(h)
 
     levels = len(self.ch_mult)
-    h = layers.conv(self.ch * self.ch_mult[0], dtype=dtype, kernel_init=default_init, name='conv_in')(x)
+    x_in = x if frame_inputs is None else jnp.concatenate([x, frame_inputs], axis=-1)
+    h = conv('conv_in', x_in, self.ch * self.ch_mult[0])
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
         h = block(f'down_{level}_block_{i}', h, self.ch * mult)
-        if h.shape[1] in self.attn_resolutions:
+        if h.shape[axes[0]] in self.attn_resolutions:
           h = attention(f'down_{level}_attn_{i}', h)
         skips.append(h)
       if level != levels - 1:
         if self.resblock_updown:
           h = block(f'down_{level}_resample', h, h.shape[-1], 'down')
         else:
-          h = layers.conv(h.shape[-1], strides=2, dtype=dtype, kernel_init=default_init,
-                          name=f'down_{level}_resample')(h)
+          strides = tuple(2 if a in axes else 1 for a in range(1, self.spatial_dims + 1))
+          h = conv(f'down_{level}_resample', h, h.shape[-1], strides=strides)
         skips.append(h)
 
     h = block('mid_block_0', h, h.shape[-1])
@@ -363,7 +487,7 @@ class UNet(nn.Module):
 
     for level in reversed(range(levels)):
       width = self.ch * self.ch_mult[level]
-      at_attn = h.shape[1] in self.attn_resolutions
+      at_attn = h.shape[axes[0]] in self.attn_resolutions
       for i in range(self.num_res_blocks + 1):
         h = block(f'up_{level}_block_{i}', jnp.concatenate([h, skips.pop()], axis=-1), width)
         if at_attn and (not self.up_attn_last_only or i == self.num_res_blocks):
@@ -372,10 +496,9 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = block(f'up_{level}_resample', h, width, 'up')
         else:
-          h = layers.conv(width, dtype=dtype, kernel_init=default_init,
-                          name=f'up_{level}_resample')(upsample_nearest(h))
+          h = conv(f'up_{level}_resample', upsample_nearest(h, axes), width)
 
     h = nn.silu(layers.group_norm(self.num_groups, name='norm_out')(h))
     out_channels = (self.out_channels or x.shape[-1]) * (2 if self.learn_sigma else 1)
-    h = layers.conv(out_channels, dtype=dtype, kernel_init=layers.zeros, name='conv_out')(h)
+    h = conv('conv_out', h, out_channels, kernel_init=layers.zeros)
     return h.astype(jnp.float32)
