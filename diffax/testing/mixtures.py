@@ -103,12 +103,16 @@ class GaussianMixture:
                sigma_data: float = 0.5) -> parameterization.ModelFn:
     """The exact model ``(x_t [N, D], t [N]) -> output`` in parameterisation ``prediction``.
 
-    For ``'edm'`` the inputs are the preconditioned ``(c_in x_t / alpha_t, c_noise)``; the noise level is
-    recovered from ``c_noise`` and the schedule's time from its log-SNR, so the model is exact there too.
+    ``x_t`` may also be [N, *S] with ``prod(S) = D`` (sequences [N, L, C], clips [N, T, H, W, C]): the mixture
+    is then over the flattened examples and the output has ``x_t``'s shape, so samplers can be tested on data
+    of any rank. For ``'edm'`` the inputs are the preconditioned ``(c_in x_t / alpha_t, c_noise)``; the noise
+    level is recovered from ``c_noise`` and the schedule's time from its log-SNR, so the model is exact there too.
     """
     parameterization.check_prediction(prediction)
 
     def exact(x_in, t_in):
+      if x_in.ndim != 2:
+        return exact(x_in.reshape(x_in.shape[0], -1), t_in).reshape(x_in.shape)
       if prediction == 'edm':
         sigma_ve = jnp.exp(4.0 * t_in)
         t = schedule.t_from_log_snr(-2.0 * jnp.log(sigma_ve))
