@@ -1,8 +1,13 @@
-"""The README's run command: the sampler benchmark runs end to end and prints its tables."""
+"""The benchmarks' run commands work: the sampler benchmark prints its tables; the diffax worker of the PyTorch
+comparison times its layout."""
 
+import json
 import pathlib
 import subprocess
 import sys
+
+import jax
+import jax.numpy as jnp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,3 +24,19 @@ def test_sampler_accuracy_benchmark_runs(tmp_path):
   assert table.count('| exact samples (floor) |') == 2 and 'Overhead' in table
   # Every accuracy row carries finite numbers.
   assert 'nan' not in table.lower()
+
+
+def test_bench_vs_torch_diffax_worker_times_the_digits_layout():
+  """The diffax side of experiments/bench_vs_torch.py (torch is not installed here): the worker builds the digits
+  default's U-Net, reports its parameter count, and answers timing requests with at least two calls each."""
+  proc = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'bench_vs_torch.py'), '--worker', 'jax',
+                         '--layout', 'digits', '--warmup-s', '0'], input='forward 0.1\ntrain 0.1\n',
+                        capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info, forward, train = (json.loads(line) for line in proc.stdout.splitlines())
+  from diffax import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model('unet', preset='unet_tiny', num_classes=10)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
+                                               jnp.zeros((1,), jnp.int32)))
+  assert info['params'] == sum(leaf.size for leaf in jax.tree.leaves(abstract))
+  assert forward['calls'] >= 2 and train['calls'] >= 2 and forward['seconds'] > 0 and train['seconds'] > 0
