@@ -16,7 +16,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from diffax.models.autoencoder import AutoencoderKL
+from diffax.models.text import CLIPTextTransformer
 from diffax.models.convert import autoencoder_kl
+from diffax.models.convert import clip as convert_clip
 from diffax.models.convert import safetensors_io
 
 DATA = Path(__file__).parent / 'data'
@@ -79,3 +81,23 @@ def test_missing_weights_give_the_download_command(tmp_path, monkeypatch):
   monkeypatch.setenv(autoencoder_kl.ENV_VAR, str(VAE_FILE))
   model, params = autoencoder_kl.load_autoencoder(preset=None, **TINY_VAE)
   assert model.apply({'params': params}, jnp.zeros((1, 8, 8, 3)), method='encode_latents').shape == (1, 2, 2, 4)
+
+
+def test_clip_text_converter_skips_buffers_and_refuses_another_configuration():
+  state_dict = safetensors_io.read_safetensors(DATA / 'clip_tiny.safetensors')
+  state_dict['text_model.embeddings.position_ids'] = np.arange(77)[None]  # saved by transformers < 4.31
+  tiny = dict(vocab_size=588, width=32, num_layers=3, num_heads=4, mlp_dim=64, eos_token_id=587)
+  params = convert_clip.text_params_from_transformers(state_dict, CLIPTextTransformer(**tiny))
+  assert params['encoder']['layers_2']['self_attn']['q_proj']['kernel'].shape == (32, 32)
+  with pytest.raises(ValueError, match=r'CLIP text weights do not match.*missing \(16\): encoder/layers_3/'):
+    convert_clip.text_params_from_transformers(state_dict, CLIPTextTransformer(**(tiny | {'num_layers': 4})))
+  with pytest.raises(ValueError, match=r'wrong shape.*token_embedding/embedding: \(588, 32\) \(expected '
+                                       r'\(49408, 768\)\)'):
+    convert_clip.load_text_encoder(DATA / 'clip_tiny.safetensors', preset='vit_l14')
+
+
+def test_missing_clip_weights_give_the_download_command(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'(?s)curl -L -o clip-vit-large-patch14.safetensors .*'
+                                              r'huggingface.co/openai/clip-vit-large-patch14/resolve/main/'
+                                              r'model.safetensors'):
+    convert_clip.load_text_encoder(tmp_path / 'clip.safetensors')

@@ -1,8 +1,10 @@
 """Sample-quality evaluation: the FID Inception network, its verified weights, and FID / IS / KID / precision-recall.
 
 ``python -m diffax.evaluation.convert_inception`` makes the weights file once (see ``inception_weights``).
+Text-to-image alignment: the CLIP score (``clip_score``), with weights read from transformers' safetensors.
 """
 
+from diffax.evaluation import clip_score
 from diffax.evaluation import inception
 from diffax.evaluation import inception_weights
 from diffax.evaluation import stats
@@ -20,7 +22,7 @@ from diffax.evaluation.stats import precision_recall
 from diffax.evaluation.stats import save_reference_stats
 
 __all__ = [
-    'FIDInceptionV3', 'FeatureStats', 'InceptionWeights', 'file_sha256', 'frechet_distance', 'inception',
-    'inception_score', 'inception_weights', 'kernel_inception_distance', 'load_inception_variables',
+    'FIDInceptionV3', 'FeatureStats', 'InceptionWeights', 'clip_score', 'file_sha256', 'frechet_distance',
+    'inception', 'inception_score', 'inception_weights', 'kernel_inception_distance', 'load_inception_variables',
     'load_reference_stats', 'make_feature_fn', 'precision_recall', 'save_reference_stats', 'stats'
 ]

@@ -3,8 +3,8 @@
 Every backbone is a Linen module called as ``model.apply({'params': p}, x [B,H,W,C], t [B], cond, train=...)``
 (see :mod:`diffax.models.layers` for the shared conventions: NHWC, null label, mixed precision, logical axes).
 ``spatial_dims=1`` / ``3`` makes the same U-Net and DiT take sequences [B, L, C] and clips [B, T, H, W, C].
-Latent diffusion's autoencoder is :class:`AutoencoderKL` (``get_autoencoder('sd')``); published weights load
-through :mod:`diffax.models.convert`.
+Latent diffusion's autoencoder is :class:`AutoencoderKL` (``get_autoencoder('sd')``), its text encoder
+:class:`~diffax.models.text.CLIPTextTransformer`; published weights load through :mod:`diffax.models.convert`.
 """
 
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 
 from diffax.models import layers
+from diffax.models import text
 from diffax.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL, get_autoencoder
 from diffax.models.dit import DIT_PRESETS, DiT
 from diffax.models.unet import UNET_PRESETS, UNet
@@ -34,4 +35,4 @@ def get_model(name: str, *, preset: str | None = None, **overrides: Any) -> nn.M
 
 
 __all__ = ['AUTOENCODER_PRESETS', 'AutoencoderKL', 'DIT_PRESETS', 'DiT', 'MODELS', 'PRESETS', 'UNET_PRESETS', 'UNet',
-           'get_autoencoder', 'get_model', 'layers']
+           'get_autoencoder', 'get_model', 'layers', 'text']

@@ -107,7 +107,8 @@ class Level(nn.Module):
 
 
 class MidBlock(nn.Module):
-  """ResnetBlock, self-attention, ResnetBlock at the lowest resolution (LDM's ``mid``; diffusers' ``UNetMidBlock2D``)."""
+  """ResnetBlock, self-attention, ResnetBlock at the lowest resolution (LDM's ``mid``, diffusers'
+  ``UNetMidBlock2D``)."""
   num_groups: int = 32
   dtype: Dtype = jnp.float32
 
@@ -221,9 +222,10 @@ class AutoencoderKL(nn.Module):
 
   def encode(self, x: Array) -> DiagonalGaussian:
     """Images [B, H, W, in_channels] in [-1, 1] (H, W divisible by the factor) -> posterior over [B, H/f, W/f, c]."""
-    if x.shape[-1] != self.in_channels or x.shape[1] % self.downsampling_factor or x.shape[2] % self.downsampling_factor:
+    f = self.downsampling_factor
+    if x.shape[-1] != self.in_channels or x.shape[1] % f or x.shape[2] % f:
       raise ValueError(f'The autoencoder takes [B, H, W, {self.in_channels}] images with H and W divisible by '
-                       f'{self.downsampling_factor}; got {x.shape}.')
+                       f'{f}; got {x.shape}.')
     return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x)))
 
   def decode(self, z: Array) -> Array:
