@@ -27,6 +27,7 @@ stream, the LayerNorms, the modulation arithmetic and the attention softmax stay
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 from typing import Any
 
@@ -182,8 +183,15 @@ class DiT(nn.Module):
     return {1: (p,), 2: (p, p), 3: (self.tubelet_size, p, p)}[self.spatial_dims]
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, cond: Array | None = None, *, train: bool = False) -> Array:
-    """Denoiser output for ``x`` [B, H, W, C] at noise input ``t`` [B]; ``train`` is unused (DiT has no dropout)."""
+  def __call__(self, x: Array, t: Array, cond: Array | None = None, *, train: bool = False, hint: Array | None = None,
+               residuals: Sequence[Array] | None = None, encoder_only: bool = False) -> Array | list[Array]:
+    """Denoiser output for ``x`` [B, H, W, C] at noise input ``t`` [B]; ``train`` is unused (DiT has no dropout).
+
+    ControlNet hooks (:mod:`diffax.models.controlnet`; PixArt-delta's copy of the first N blocks): ``hint``
+    [B, T, D] is added to the tokens after the position embedding; ``encoder_only`` returns the output tokens of
+    every block (a list of [B, T, D]) without the final layer; ``residuals`` (N <= depth of them) are added to the
+    outputs of the first N blocks.
+    """
     del train
     dtype = jnp.dtype(self.dtype)
     patch = self._patch()
@@ -207,6 +215,11 @@ class DiT(nn.Module):
                          kernel_init=patch_embed_init(self.spatial_dims), name='patch_embed')(x)  # [B, *grid, D]
     tokens = tokens.astype(jnp.float32).reshape(batch, -1, self.hidden_size)
     tokens = tokens + sincos_pos_embed(grid, self.hidden_size)[None]  # [B, T, D]
+    if hint is not None:
+      tokens = tokens + hint.astype(jnp.float32)
+    if residuals is not None and len(residuals) > self.depth:
+      raise ValueError(f'residuals: at most depth={self.depth} (one per block), got {len(residuals)}.')
+    block_outputs = []
 
     c = layers.NoiseEmbedding(self.hidden_size, 256, kind=self.noise_embedding, t_scale=self.t_scale,
                               fourier_scale=self.fourier_scale, dtype=dtype,
@@ -227,6 +240,11 @@ class DiT(nn.Module):
         tokens = (out if i % 2 == 0 else out.transpose(0, 2, 1, 3)).reshape(batch, -1, self.hidden_size)
       else:
         tokens = block(self.num_heads, self.mlp_ratio, dtype, name=f'blocks_{i}')(tokens, c)
+      if residuals is not None and i < len(residuals):
+        tokens = tokens + residuals[i].astype(jnp.float32)
+      block_outputs.append(tokens)
+    if encoder_only:
+      return block_outputs
 
     shift, scale = jnp.split(layers.dense(2 * self.hidden_size, ('embed', 'mlp'), dtype=dtype,
                                           kernel_init=layers.zeros, name='final_adaLN_modulation')(nn.silu(c)),

@@ -415,12 +415,18 @@ class UNet(nn.Module):
       raise ValueError('cond was given but neither num_classes nor context_dim is set.')
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, cond: Array | None = None, *, train: bool = False) -> Array:
+  def __call__(self, x: Array, t: Array, cond: Array | None = None, *, train: bool = False, hint: Array | None = None,
+               residuals: Sequence[Array] | None = None, encoder_only: bool = False) -> Array | list[Array]:
     """Network output for ``x`` [B, H, W, C] at noise input ``t`` [B] -> [B, H, W, C_out] float32.
 
     ``cond``: labels [B] int (``num_classes`` set), a context [B, L, context_dim] (``context_dim`` set), or None;
     with ``frame_conditioning`` a dict of ``'frames'``, ``'mask'`` and those. ``C_out`` is ``out_channels``
     (default C), doubled by ``learn_sigma``. Sequences [B, L, C] and clips [B, T, H, W, C] with ``spatial_dims``.
+
+    ControlNet hooks (:mod:`diffax.models.controlnet`; Zhang et al. 2023): ``hint`` [B, H, W, ch * ch_mult[0]]
+    is added after ``conv_in``; ``encoder_only`` returns the encoder's skip features and the middle block's
+    output (a list, nothing of the decoder is built); ``residuals`` (as many, same shapes) are added to them
+    before the decoder reads them (diffusers' down / mid block additional residuals).
     """
     t = jnp.asarray(t, jnp.float32)
     cond, frame_inputs = self._split_cond(x, cond)
@@ -466,6 +472,8 @@ class UNet(nn.Module):
     levels = len(self.ch_mult)
     x_in = x if frame_inputs is None else jnp.concatenate([x, frame_inputs], axis=-1)
     h = conv('conv_in', x_in, self.ch * self.ch_mult[0])
+    if hint is not None:
+      h = h + hint.astype(h.dtype)
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
@@ -484,6 +492,14 @@ class UNet(nn.Module):
     h = block('mid_block_0', h, h.shape[-1])
     h = attention('mid_attn', h)
     h = block('mid_block_1', h, h.shape[-1])
+    if encoder_only:
+      return skips + [h]
+    if residuals is not None:
+      if len(residuals) != len(skips) + 1:
+        raise ValueError(f'residuals: expected {len(skips) + 1} (one per encoder skip and the middle block), got '
+                         f'{len(residuals)}.')
+      skips = [s + r.astype(s.dtype) for s, r in zip(skips, residuals)]
+      h = h + residuals[-1].astype(h.dtype)
 
     for level in reversed(range(levels)):
       width = self.ch * self.ch_mult[level]
