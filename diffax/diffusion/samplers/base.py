@@ -25,11 +25,13 @@ from collections.abc import Callable, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffax.diffusion.schedules import EDM, DiscreteSchedule, Schedule, expand_like
 
 Array = jax.Array
 SPACINGS = ('trailing', 'leading', 'linspace', 'log_snr', 'karras')
+CONVENTIONS = ('ddim', 'multistep')
 
 
 @flax.struct.dataclass
@@ -64,8 +66,18 @@ def alpha_sigma_clean(schedule: Schedule, t: Array) -> tuple[Array, Array]:
 
 
 def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, t_start: float | None = None,
-              t_end: float | None = None, rho: float | None = None) -> Array:
+              t_end: float | None = None, rho: float | None = None, convention: str = 'ddim') -> Array:
   """Descending model-evaluation times [num_steps] followed by the clean sentinel 0: [num_steps + 1].
+
+  ``convention`` says which diffusers schedulers the names ``'linspace'`` and ``'leading'`` follow; the two
+  families of diffusers disagree:
+    * ``'ddim'`` (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler): ``N`` points of the spacing.
+    * ``'multistep'`` (DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler): ``N + 1``
+      points of the spacing with the last one dropped, so that the final step, to the clean sentinel, starts
+      from the second-to-last point instead of ``t_min``. On a discrete schedule the integer timesteps are
+      computed as diffusers computes them (float64 ``numpy``, ``linspace(0, T - 1, N + 1).round()[::-1][:-1]``
+      and ``arange(N + 1) * (T // (N + 1))`` reversed, less its last), so a diffusers DPM-Solver++ or UniPC
+      config carries over literally. ``'trailing'`` and the log-SNR / Karras spacings are the same in both.
 
   Spacings (``t_start`` defaults to ``schedule.t_max``, ``t_end`` to ``schedule.t_min``):
     * ``'trailing'``: ``t_start (1 - i / N)``; starts at ``t_start`` and ends at ``t_start / N``. For a
@@ -81,6 +93,12 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, 
   """
   if spacing not in SPACINGS:
     raise ValueError(f'Unknown spacing {spacing!r}; choose one of {SPACINGS}.')
+  if convention not in CONVENTIONS:
+    raise ValueError(f'Unknown grid convention {convention!r}; choose one of {CONVENTIONS}.')
+  if convention == 'multistep' and spacing in ('linspace', 'leading'):
+    if isinstance(schedule, DiscreteSchedule):
+      return _diffusers_multistep_grid(schedule, num_steps, spacing, t_start)
+    return time_grid(schedule, num_steps + 1, spacing, t_start=t_start, t_end=t_end).at[-2].set(0.0)[:-1]
   if t_end is not None and t_end < schedule.t_min:
     raise ValueError(f't_end={t_end} lies below the schedule\'s t_min={schedule.t_min}; the model is only '
                      'defined from t_min on (the final step to t = 0 is the jump to the x0-prediction).')
@@ -117,6 +135,42 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, 
   if discrete and spacing in ('trailing', 'linspace'):
     ts = jnp.round(ts * schedule.num_timesteps) / schedule.num_timesteps
   return jnp.append(ts, jnp.zeros((1,), jnp.float32))
+
+
+def _diffusers_multistep_grid(schedule: DiscreteSchedule, num_steps: int, spacing: str,
+                              t_start: float | None) -> Array:
+  """``set_timesteps`` of diffusers' multistep schedulers for ``'linspace'`` / ``'leading'`` (``steps_offset = 0``),
+  as times ``(n + 1) / T`` of the integer timesteps ``n``, then the clean sentinel: [num_steps + 1]."""
+  big_t = round((schedule.t_max if t_start is None else t_start) * schedule.num_timesteps)
+  if num_steps > big_t:
+    raise ValueError(f'{num_steps} steps would repeat timesteps of a discrete schedule: at most {big_t} knots '
+                     f'lie at or below t_start; use num_steps <= {big_t}.')
+  if spacing == 'linspace':
+    n = np.linspace(0, big_t - 1, num_steps + 1).round()[::-1][:-1]
+  else:
+    n = (np.arange(0, num_steps + 1) * (big_t // (num_steps + 1))).round()[::-1][:-1]
+  ts = (n.astype(np.int64) + 1) / schedule.num_timesteps
+  return jnp.asarray(np.append(ts, 0.0), jnp.float32)
+
+
+def solver_grid(schedule: Schedule, num_steps: int, spacing: str, *, denoise_to_zero: bool,
+                t_start: float | None = None, convention: str = 'multistep') -> Array:
+  """The grid [num_steps + 1] of a solver that makes ``num_steps`` steps, the last to ``0`` or to ``t_min``.
+
+  ``denoise_to_zero=True``: :func:`time_grid` itself; the last step, to the clean sentinel, is the jump to the
+  x0-prediction (diffusers' ``final_sigmas_type='zero'``). ``False``: the last step ends at ``t_min`` instead.
+  For spacings whose points end at ``t_min`` (``'log_snr'``, ``'karras'`` and DDIM's ``'linspace'``) that is the
+  spacing's grid of ``num_steps + 1`` points; for the others (``'trailing'``, ``'leading'`` and the multistep
+  ``'linspace'``) it is their ``num_steps`` points followed by ``t_min`` (diffusers' ``final_sigmas_type=
+  'sigma_min'``).
+  """
+  if denoise_to_zero:
+    return time_grid(schedule, num_steps, spacing, t_start=t_start, convention=convention)
+  ends_at_t_min = spacing in ('log_snr', 'karras') or (spacing == 'linspace' and convention == 'ddim')
+  if ends_at_t_min:
+    return time_grid(schedule, num_steps + 1, spacing, t_start=t_start, convention=convention)[:-1]
+  ts = time_grid(schedule, num_steps, spacing, t_start=t_start, convention=convention)
+  return ts.at[-1].set(schedule.t_min)
 
 
 Step = Callable[[Array, object, Array, Array, Array], tuple[Array, object]]
@@ -161,6 +215,6 @@ def run(step: Step, rng: Array, shape: Sequence[int], ts: Array, *, schedule: Sc
   (x, _), trajectory = jax.lax.scan(body, (x, state), (ts[:-1], ts[1:], keys))
   if inpaint is not None:
     x = jnp.where(inpaint.mask > 0, inpaint.x_known, x)
-  if return_trajectory:
-    trajectory = jnp.concatenate([x0[None], trajectory], axis=0)
+  if return_trajectory:  # its last entry is the returned x (the known pixels themselves, not their noised draw)
+    trajectory = jnp.concatenate([x0[None], trajectory[:-1], x[None]], axis=0)
   return SampleOutput(samples=x, nfe=nfe, trajectory=trajectory)

@@ -20,6 +20,13 @@ Higher orders replace ``x0_hat`` by a finite-difference expansion in ``lambda``:
     ``x_t = (sigma_t / sigma_s) x_s - alpha_t phi_1 m_0 + alpha_t phi_2 D1 - alpha_t phi_3 D2``.
   * ``order=2, method='singlestep'`` -- DPM-Solver++(2S) (Alg. 1 with ``r = 1/2``): a first-order step to
     the log-SNR midpoint ``s_1`` gives ``u``, then ``D = x0_hat(u, s_1)``; two model calls per step.
+  * ``order=2, method='sde'`` -- SDE-DPM-Solver++(2M) (Lu et al. 2022b's SDE solver; diffusers'
+    ``algorithm_type='sde-dpmsolver++'``, midpoint form): the reverse SDE solved exactly in the linear part,
+
+      x_t = (sigma_t / sigma_s) e^-h x_s + alpha_t (1 - e^-2h) (m_0 + D1 / 2) + sigma_t sqrt(1 - e^-2h) z,
+
+    ``D1 = (m_0 - m_1) / r``, ``z ~ N(0, I)`` fresh at every step; one model call per step. Its first order
+    (``D1 = 0``) is ancestral DDPM on the grid, DDIM with ``eta = 1``.
 
 Multistep methods warm up with lower orders (the first step is first order, 3M's second is second order).
 
@@ -47,7 +54,7 @@ from diffax.diffusion.samplers import base
 from diffax.diffusion.schedules import Schedule
 
 Array = jax.Array
-METHODS = ('multistep', 'singlestep')
+METHODS = ('multistep', 'singlestep', 'sde')
 LOWER_ORDER_FINAL_BELOW = 15
 
 
@@ -88,11 +95,11 @@ def dpm_solver_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, n
 
   Args:
     denoiser: the model under its schedule and parameterisation.
-    rng: PRNG key for the prior draw.
+    rng: PRNG key for the prior draw (and the step noise of ``'sde'``).
     shape: [B, ...] of the samples.
     num_steps: grid intervals; model evaluations for the multistep methods.
-    order: 1 (DDIM), 2 or 3 (multistep only).
-    method: ``'multistep'`` (2M, 3M) or ``'singlestep'`` (2S).
+    order: 1 (DDIM; DDPM for ``'sde'``), 2 or 3 (multistep only).
+    method: ``'multistep'`` (2M, 3M), ``'singlestep'`` (2S) or ``'sde'`` (2M-SDE).
     spacing: see :func:`base.time_grid`; ``'log_snr'`` is the paper's default.
     lower_order_final: lower the last two multistep orders when ``num_steps < 15``.
     denoise_to_zero: end with the jump from ``t_min`` to the x0-prediction (else return ``x_{t_min}``).
@@ -101,13 +108,10 @@ def dpm_solver_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, n
   schedule = denoiser.schedule
   if method not in METHODS:
     raise ValueError(f'Unknown method {method!r}; choose one of {METHODS}.')
-  max_order = 3 if method == 'multistep' else 2
+  max_order = {'multistep': 3, 'singlestep': 2, 'sde': 2}[method]
   if order not in range(1, max_order + 1):
     raise ValueError(f'order={order} is not available for method={method!r}; choose 1 to {max_order}.')
-  if denoise_to_zero:
-    ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start)
-  else:
-    ts = base.time_grid(schedule, num_steps + 1, spacing, t_start=t_start)[:-1]
+  ts = base.solver_grid(schedule, num_steps, spacing, denoise_to_zero=denoise_to_zero, t_start=t_start)
 
   if method == 'singlestep':
     step, state = _singlestep(denoiser, schedule, order), None
@@ -115,7 +119,7 @@ def dpm_solver_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, n
   else:
     orders = jnp.asarray(multistep_orders(num_steps, order, lower_order_final=lower_order_final,
                                           denoise_to_zero=denoise_to_zero))
-    step = _multistep(denoiser, schedule, order, orders)
+    step = (_sde if method == 'sde' else _multistep)(denoiser, schedule, order, orders)
     # (step index, x0-predictions [order - 1, *shape] and lambdas [order - 1] of the previous points).
     state = (jnp.int32(0), jnp.zeros((order - 1, *shape), jnp.float32), jnp.zeros((order - 1,), jnp.float32))
     nfe = num_steps
@@ -154,6 +158,30 @@ def _multistep(denoiser: Denoiser, schedule: Schedule, order: int, orders: Array
       return x_first + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
 
     x_next = jax.lax.switch(orders[i] - 1, (first, second, third)[:order], None)
+    m_prev = jnp.concatenate([m0[None], m_prev], axis=0)[:order - 1]
+    lam_prev = jnp.concatenate([lam_s[None], lam_prev], axis=0)[:order - 1]
+    return x_next, (i + 1, m_prev, lam_prev)
+
+  return step
+
+
+def _sde(denoiser: Denoiser, schedule: Schedule, order: int, orders: Array) -> base.Step:
+  """SDE-DPM-Solver++(1, 2M) steps (midpoint form); ``orders`` [num_steps] gives each step's order."""
+
+  def step(x, state, t_cur, t_next, key):
+    i, m_prev, lam_prev = state
+    _, sigma_s, lam_s = _alpha_sigma_lambda(schedule, t_cur)
+    alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(schedule, t_next)
+    h = lam_t - lam_s
+    m0, _ = denoiser(x, t_cur)
+    one_minus = -jnp.expm1(-2.0 * h)  # 1 - e^-2h; 1 at the clean t = 0
+    d = m0
+    if order == 2:
+      r = (lam_s - lam_prev[0]) / h
+      d = jnp.where(orders[i] == 2, m0 + (0.5 / r) * (m0 - m_prev[0]), m0)
+    noise = jax.random.normal(key, x.shape, jnp.float32)
+    x_next = (sigma_t / sigma_s * jnp.exp(-h)) * x + (alpha_t * one_minus) * d
+    x_next = x_next + (sigma_t * jnp.sqrt(one_minus)) * noise
     m_prev = jnp.concatenate([m0[None], m_prev], axis=0)[:order - 1]
     lam_prev = jnp.concatenate([lam_s[None], lam_prev], axis=0)[:order - 1]
     return x_next, (i + 1, m_prev, lam_prev)
