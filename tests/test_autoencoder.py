@@ -1,6 +1,8 @@
 """KL autoencoder: published parameter counts, downsampling factors, the posterior's KL in closed form, latent
-scaling, and clear errors on mismatched inputs. Equality with diffusers' implementation is in test_convert.py."""
+scaling, clear errors on mismatched inputs; its training objective (terms, disc start, adaptive weight) and the
+PSNR / SSIM metrics against closed forms and scipy. Equality with diffusers' implementation is in test_convert.py."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,76 @@ def test_bad_inputs_say_what_is_expected(small):
     model.apply(variables, x[:, :14, :14], method='encode')
   with pytest.raises(ValueError, match="Unknown autoencoder preset 'sd4'"):
     autoencoder.get_autoencoder('sd4')
+
+
+def test_psnr_and_ssim_match_closed_forms_and_a_scipy_reference():
+  from scipy import signal  # pylint: disable=import-outside-toplevel
+  from diffax.evaluation import reconstruction  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 16, 18, 3)).astype(np.float32)
+  np.testing.assert_allclose(reconstruction.psnr(x, x + 0.1), 10 * np.log10(4 / 0.01), rtol=1e-5)
+  y = np.clip(x + 0.3 * rng.normal(size=x.shape), -1, 1).astype(np.float32)
+  w = reconstruction.gaussian_window().astype(np.float64)
+  window = np.outer(w, w)
+  expected = []
+  for b in range(2):
+    maps = []
+    for c in range(3):
+      f = lambda a: signal.correlate2d(a, window, mode='valid')
+      xs, ys = x[b, :, :, c].astype(np.float64), y[b, :, :, c].astype(np.float64)
+      mx, my = f(xs), f(ys)
+      vx, vy, cxy = f(xs * xs) - mx ** 2, f(ys * ys) - my ** 2, f(xs * ys) - mx * my
+      c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+      maps.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    expected.append(np.mean(maps))
+  np.testing.assert_allclose(reconstruction.ssim(x, y), expected, rtol=1e-4)
+  np.testing.assert_allclose(reconstruction.ssim(x, x), [1.0, 1.0], rtol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def objective(small):
+  from diffax.models import autoencoder_loss  # pylint: disable=import-outside-toplevel
+  model, variables, x = small
+  disc = autoencoder_loss.PatchDiscriminator(ch=8, num_layers=2, num_groups=4)
+  params = nn.meta.unbox({'autoencoder': variables['params'],
+                          'discriminator': disc.init(jax.random.key(3), x)['params']})
+  loss_fn = autoencoder_loss.make_autoencoder_loss(model, disc, reconstruction='l1', kl_weight=1e-3,
+                                                   disc_weight=0.5, disc_start=10)
+  return model, disc, params, x, loss_fn
+
+
+def test_autoencoder_loss_terms_and_disc_start(objective):
+  model, disc, params, x, loss_fn = objective
+  rng = jax.random.key(4)
+  before, aux = loss_fn(params, {'x': x}, rng, jnp.int32(9))
+  posterior = model.apply({'params': params['autoencoder']}, x, method='encode')
+  x_hat = model.apply({'params': params['autoencoder']}, posterior.sample(rng), method='decode')
+  rec = np.mean(np.abs(np.asarray(x_hat) - np.asarray(x)))
+  np.testing.assert_allclose(before, rec + 1e-3 * np.mean(posterior.kl()), rtol=1e-5)
+  grads = jax.grad(lambda p: loss_fn(p, {'x': x}, rng, jnp.int32(9))[0])(params)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads['discriminator']))  # before disc_start
+  after, aux = loss_fn(params, {'x': x}, rng, jnp.int32(10))
+  np.testing.assert_allclose(after, before + aux['disc_weight'] * aux['g_loss'] + aux['d_loss'], rtol=1e-5)
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio_on_the_last_layer(objective):
+  model, disc, params, x, loss_fn = objective
+  rng = jax.random.key(5)
+  _, aux = loss_fn(params, {'x': x}, rng, jnp.int32(10))
+
+  def terms(ae):
+    z = model.apply({'params': ae}, x, method='encode').sample(rng)
+    x_hat = model.apply({'params': ae}, z, method='decode')
+    return jnp.mean(jnp.abs(x_hat - x)), -jnp.mean(disc.apply({'params': params['discriminator']}, x_hat))
+
+  last = lambda g: g['decoder']['conv_out']['kernel']
+  g_rec = last(jax.grad(lambda p: terms(p)[0])(params['autoencoder']))
+  g_gan = last(jax.grad(lambda p: terms(p)[1])(params['autoencoder']))
+  np.testing.assert_allclose(aux['disc_weight'], 0.5 * np.linalg.norm(g_rec) / (np.linalg.norm(g_gan) + 1e-4),
+                             rtol=1e-4)
+  # the discriminator learns from the hinge loss alone (the generator term sees it frozen)
+  d_grads = jax.grad(lambda d: loss_fn({**params, 'discriminator': d}, {'x': x}, rng, jnp.int32(10))[0])(
+      params['discriminator'])
+  d_only = jax.grad(lambda d: loss_fn({**params, 'discriminator': d}, {'x': x}, rng, jnp.int32(10))[1]['d_loss'])(
+      params['discriminator'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), d_grads, d_only)
