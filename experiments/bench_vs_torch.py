@@ -8,7 +8,10 @@ Each framework runs in its own worker process (``--torch-python`` runs the PyTor
 another environment; diffax never imports it). Both workers build the layout, compile / warm up, and then
 answer timing requests one at a time: every round times diffax and PyTorch back to back (alternating which goes
 first), so load from other work on the machine hits both alike; the table gives the medians over rounds and the
-ratio diffax / PyTorch (above 1: diffax is faster).
+ratio diffax / PyTorch (above 1: diffax is faster). On a machine shared with other work the wall-clock ratio says
+more about how each runtime copes with preempted threads than about its kernels: the ratio of images per
+CPU-second (user + system time of each worker over all its threads) is the figure to read there, and the header
+gives the load average.
 
 The layouts (:data:`LAYOUTS`) are the DDPM CIFAR-10 U-Net (``unet:ddpm_cifar10``, 35.7 M, batch 8, 32x32x3) and
 the digits default's (``configs/digits.py``: ``unet:unet_tiny``, 10 classes + the null label, batch 64, 8x8x1),
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -136,13 +140,19 @@ class _TorchWorker:
     self.optimizer.step()
 
 
-def _timed(fn, min_seconds: float, min_calls: int = 2) -> tuple[int, float]:
-  """Calls ``fn`` until both ``min_calls`` calls and ``min_seconds`` have passed -> (calls, seconds)."""
-  calls, start = 0, time.perf_counter()
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _timed(fn, min_seconds: float, min_calls: int = 2) -> tuple[int, float, float]:
+  """Calls ``fn`` until both ``min_calls`` calls and ``min_seconds`` have passed -> (calls, wall seconds, CPU
+  seconds of this process over all its threads)."""
+  calls, start, cpu_start = 0, time.perf_counter(), _cpu_seconds()
   while calls < min_calls or time.perf_counter() - start < min_seconds:
     fn()
     calls += 1
-  return calls, time.perf_counter() - start
+  return calls, time.perf_counter() - start, _cpu_seconds() - cpu_start
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -155,8 +165,8 @@ def _serve(args: argparse.Namespace) -> None:
   print(json.dumps(dict(params=worker.params_count, compile_s=worker.compile_s, version=worker.version)), flush=True)
   for line in sys.stdin:
     kind, seconds = line.split()
-    calls, seconds = _timed(getattr(worker, kind), float(seconds))
-    print(json.dumps(dict(calls=calls, seconds=seconds)), flush=True)
+    calls, seconds, cpu_seconds = _timed(getattr(worker, kind), float(seconds))
+    print(json.dumps(dict(calls=calls, seconds=seconds, cpu_seconds=cpu_seconds)), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -173,11 +183,12 @@ class _Client:
       raise SystemExit(f'worker {self.proc.args} exited with {self.proc.wait()}')
     return json.loads(line)
 
-  def images_per_s(self, kind: str, seconds: float, batch: int) -> float:
+  def images_per_s(self, kind: str, seconds: float, batch: int) -> tuple[float, float]:
+    """Images per wall second and per CPU second of the worker."""
     self.proc.stdin.write(f'{kind} {seconds}\n')
     self.proc.stdin.flush()
     reply = self._read()
-    return batch * reply['calls'] / reply['seconds']
+    return batch * reply['calls'] / reply['seconds'], batch * reply['calls'] / reply['cpu_seconds']
 
   def close(self) -> None:
     self.proc.stdin.close()
@@ -190,22 +201,27 @@ def _bench_layout(name: str, args: argparse.Namespace) -> tuple[list[str], dict[
              'torch': _Client(args.torch_python, 'torch', args, name)}
   budget = {'forward': args.seconds / 2, 'train': args.seconds}
   samples = {(fw, kind): [] for fw in clients for kind in budget}
+  per_cpu = {(fw, kind): [] for fw in clients for kind in budget}
   for r in range(args.rounds):
     order = ['diffax', 'torch'] if r % 2 == 0 else ['torch', 'diffax']
     for kind in budget:
       for fw in order:
-        samples[fw, kind].append(clients[fw].images_per_s(kind, budget[kind], layout['batch']))
+        wall, cpu = clients[fw].images_per_s(kind, budget[kind], layout['batch'])
+        samples[fw, kind].append(wall)
+        per_cpu[fw, kind].append(cpu)
     print(f'  {name} round {r + 1}: ' + ', '.join(f'{fw} {kind} {v[-1]:.1f}' for (fw, kind), v in samples.items()),
           file=sys.stderr, flush=True)
   info = {fw: c.info for fw, c in clients.items()}
   for client in clients.values():
     client.close()
   med = {key: statistics.median(v) for key, v in samples.items()}
+  med_cpu = {key: statistics.median(v) for key, v in per_cpu.items()}
   row = [name, f"{layout['batch']}", 'x'.join(map(str, layout['shape'])),
          f"{info['diffax']['params'] / 1e6:.3f} / {info['torch']['params'] / 1e6:.3f}"]
   for kind in budget:
     row += [f"{med['diffax', kind]:.1f}", f"{med['torch', kind]:.1f}",
             f"**{med['diffax', kind] / med['torch', kind]:.2f}**"]
+  row.append(f"{med_cpu['diffax', 'train'] / med_cpu['torch', 'train']:.2f}")
   row.append(f"{info['diffax']['compile_s']:.0f}")
   return row, info
 
@@ -231,14 +247,17 @@ def main() -> None:
       raise SystemExit(f'Unknown layout {name!r}; choose among {sorted(LAYOUTS)}.')
 
   header = ['layout', 'batch', 'input', 'params diffax / torch (M)', 'fwd img/s diffax', 'fwd img/s torch',
-            'fwd ratio', 'train img/s diffax', 'train img/s torch', 'train ratio', 'diffax compile (s)']
+            'fwd ratio', 'train img/s diffax', 'train img/s torch', 'train ratio', 'train ratio per CPU-second',
+            'diffax compile (s)']
   rows, infos = [], []
   for name in names:
     row, info = _bench_layout(name, args)
     rows.append('| ' + ' | '.join(row) + ' |')
     infos.append(info)
     print(rows[-1], flush=True)
-  lines = [f'fp32, medians of {args.rounds} interleaved rounds, {os.cpu_count()} CPU cores; '
+  load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
+  lines = [f'fp32, medians of {args.rounds} interleaved rounds, {os.cpu_count()} CPU cores (load average at the '
+           f'end {load}); '
            f"{infos[0]['diffax']['version']}; {infos[0]['torch']['version']}.", '',
            '| ' + ' | '.join(header) + ' |', '|---|---:|---|---|' + '---:|' * (len(header) - 4), *rows]
   print('\n'.join(lines))

@@ -39,4 +39,5 @@ def test_bench_vs_torch_diffax_worker_times_the_digits_layout():
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
                                                jnp.zeros((1,), jnp.int32)))
   assert info['params'] == sum(leaf.size for leaf in jax.tree.leaves(abstract))
-  assert forward['calls'] >= 2 and train['calls'] >= 2 and forward['seconds'] > 0 and train['seconds'] > 0
+  for reply in (forward, train):
+    assert reply['calls'] >= 2 and reply['seconds'] > 0 and reply['cpu_seconds'] > 0
