@@ -26,7 +26,8 @@ SETTINGS = {'adaptive_ode': dict(rtol=1e-3, atol=1e-3)}
 def _samples(name: str, layout: str) -> np.ndarray:
   schedule = schedules.VPSDE()
   denoiser = MIXTURE.denoiser(schedule, 'eps')
-  run = jax.jit(lambda rng: samplers.SAMPLERS[name](denoiser, rng, (N, *LAYOUTS[layout]), **SETTINGS.get(name, dict(num_steps=10))))
+  kwargs = SETTINGS.get(name, dict(num_steps=10))
+  run = jax.jit(lambda rng: samplers.SAMPLERS[name](denoiser, rng, (N, *LAYOUTS[layout]), **kwargs))
   out = run(jax.random.PRNGKey(0))
   assert out.samples.shape == (N, *LAYOUTS[layout])
   return np.asarray(out.samples).reshape(N, -1)

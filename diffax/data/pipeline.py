@@ -15,7 +15,11 @@ Images become ``x`` float32 [b, H, W, C] in [-1, 1]:
   x = 2 (u + n) / 256 - 1,   n ~ U[0, 1)         (uniform dequantisation, Theis et al. 2016, "A note on the
                                                   evaluation of generative models", sec. 3.1)
 
-with ``u`` the uint8 pixels, and labels ``cond`` int32 [b]. The iterator is a ``grain.DatasetIterator``:
+with ``u`` the uint8 pixels, and labels ``cond`` int32 [b]. Clips (records with ``'video'`` uint8 [T, H, W, C])
+are scaled the same way into ``x`` [b, T, H, W, C] (a flip mirrors every frame); waveforms (``'audio'`` float32
+[L, C] in [-1, 1]) pass unchanged into ``x`` [b, L, C] (no flips, no dequantisation).
+
+The iterator is a ``grain.DatasetIterator``:
 ``get_state()`` / ``set_state()`` give its position, and ``grain.checkpoint.CheckpointSave`` /
 ``CheckpointRestore`` save it with Orbax next to the train state; a restored iterator yields exactly the batches
 the uninterrupted one would have.
@@ -32,12 +36,27 @@ from diffax.data.sources import Source
 Batch = dict[str, np.ndarray]
 """``{'x': float32 [b, H, W, C] in [-1, 1], 'cond': int32 [b]}``."""
 
+DATA_KEYS = ('image', 'video', 'audio')
+"""The record key holding an example's data: uint8 [H, W, C], uint8 [T, H, W, C] or float32 [L, C]."""
+
+
+def data_key(record: dict) -> str:
+  """Which of :data:`DATA_KEYS` ``record`` holds."""
+  keys = [k for k in DATA_KEYS if k in record]
+  if len(keys) != 1:
+    raise ValueError(f'A record needs exactly one of {DATA_KEYS}; got the keys {sorted(record)}.')
+  return keys[0]
+
 
 def _preprocess(record: dict, rng: np.random.Generator, *, random_flip: bool, dequantize: bool) -> Batch:
-  """One record ``{'image': uint8 [H, W, C], 'label'}`` -> ``{'x': float32 [H, W, C], 'cond': int32 []}``."""
-  u = record['image']
+  """One record ``{'image': uint8 [H, W, C], 'label'}`` -> ``{'x': float32 [H, W, C], 'cond': int32 []}``
+  (clips and waveforms alike, see the module docstring)."""
+  key = data_key(record)
+  if key == 'audio':
+    return {'x': np.asarray(record['audio'], np.float32), 'cond': np.int32(record['label'])}
+  u = record[key]
   if random_flip and rng.random() < 0.5:
-    u = u[:, ::-1]
+    u = u[..., ::-1, :]  # the width axis of [H, W, C] and [T, H, W, C]
   if dequantize:
     x = (u.astype(np.float32) + rng.random(u.shape, dtype=np.float32)) * np.float32(2 / 256) - 1
   else:
@@ -52,7 +71,8 @@ def make_iterator(source: Source, *, global_batch_size: int, seed: int, shuffle:
   """Returns an iterator over this process's share of the global batches of ``source``.
 
   Args:
-    source: random-access records ``{'image': uint8 [H, W, C], 'label': int}`` (:mod:`diffax.data.sources`).
+    source: random-access records ``{'image': uint8 [H, W, C], 'label': int}`` (:mod:`diffax.data.sources`), or
+      ``'video'`` / ``'audio'`` records.
     global_batch_size: records per step over all processes.
     seed: non-negative integer fixing the order, the flips and the dequantisation noise.
     shuffle: permute the records afresh every epoch; otherwise read them in order.
@@ -87,9 +107,17 @@ def make_iterator(source: Source, *, global_batch_size: int, seed: int, shuffle:
   if seed < 0 or worker_count < 0 or read_threads < 0:
     raise ValueError(f'seed, worker_count and read_threads must be >= 0, got {seed=}, {worker_count=}, '
                      f'{read_threads=}.')
-  image = source[0]['image']
-  if image.dtype != np.uint8 or image.ndim != 3:
-    raise ValueError(f'Source images must be uint8 [H, W, C], got {image.dtype} {image.shape}.')
+  record = source[0]
+  key = data_key(record)
+  data = np.asarray(record[key])
+  if key == 'audio' and (data.dtype != np.float32 or data.ndim != 2):
+    raise ValueError(f'Source waveforms must be float32 [L, C] in [-1, 1], got {data.dtype} {data.shape}.')
+  if key == 'audio' and (random_flip or dequantize):
+    raise ValueError('random_flip and dequantize apply to images and clips; waveforms take neither (config keys '
+                     'data.random_flip, data.dequantize).')
+  if key != 'audio' and (data.dtype != np.uint8 or data.ndim != {'image': 3, 'video': 4}[key]):
+    expected = '[H, W, C]' if key == 'image' else '[T, H, W, C]'
+    raise ValueError(f'Source {key}s must be uint8 {expected}, got {data.dtype} {data.shape}.')
 
   shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
   local_batch_size = global_batch_size // process_count

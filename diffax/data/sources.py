@@ -1,8 +1,12 @@
-"""Random-access image sources: the embedded digits and TFDS datasets read through ``tfds.data_source``.
+"""Random-access sources: the embedded digits and TFDS datasets read through ``tfds.data_source``.
 
 A source has ``len(source)`` records and ``source[i] -> {'image': uint8 [H, W, C], 'label': int}``, plus
 ``image_shape`` (H, W, C) and ``num_classes``, so grain (:mod:`diffax.data.pipeline`) can shuffle, shard and
-checkpoint by index. TFDS datasets are read from their ArrayRecord files with ``tfds.data_source``: random access
+checkpoint by index. Clips hold ``'video'`` uint8 [T, H, W, C] and waveforms ``'audio'`` float32 [L, C] in
+[-1, 1] instead of ``'image'`` (``image_shape`` is then the clip's or the waveform's shape): the embedded
+:mod:`~diffax.data.moving_digits` and :mod:`~diffax.data.tones`, and :mod:`~diffax.data.tfds_media`.
+
+TFDS datasets are read from their ArrayRecord files with ``tfds.data_source``: random access
 without TensorFlow in the input path, and ``tfds.testing.mock_data`` replaces them with fake records offline.
 
 A dataset that is not prepared raises :class:`DatasetNotPreparedError` with the command that prepares it. Note
@@ -36,9 +40,9 @@ _MANUAL_DOWNLOADS = {
 
 
 class Source(Protocol):
-  """A random-access image dataset."""
+  """A random-access dataset of images, clips or waveforms."""
 
-  image_shape: tuple[int, int, int]
+  image_shape: tuple[int, ...]
   num_classes: int
 
   def __len__(self) -> int:
@@ -50,6 +54,15 @@ class Source(Protocol):
 
 class DatasetNotPreparedError(FileNotFoundError):
   """A TFDS dataset is not prepared in ``data_dir`` (or not in a random-access file format)."""
+
+
+class SourceConfigError(ValueError):
+  """A source argument that cannot work with the dataset; ``key`` is the trainer's config key for it
+  (``'data.feature'``, ``'data.num_frames'``, ``'data.length'``, ``'data.sample_rate'``)."""
+
+  def __init__(self, key: str, message: str):
+    super().__init__(f'config.{key}: {message}')
+    self.key, self.detail = key, message
 
 
 class DigitsSource:
@@ -88,16 +101,7 @@ class TfdsSource:
 
   def __init__(self, name: str, *, split: str, data_dir: str | None = None, image_key: str = 'image',
                label_key: str = 'label'):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; digits runs need none)
-
-    try:
-      self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise
-    except Exception as e:  # tfds reports a missing dataset as a NotImplementedError about the file format.
-      if error := _not_prepared_error(name, data_dir):
-        raise error from e
-      raise
+    self._source = open_tfds(name, split=split, data_dir=data_dir)
     features = self._source.dataset_info.features
     self.image_shape = tuple(features[image_key].shape)
     if None in self.image_shape:
@@ -113,6 +117,21 @@ class TfdsSource:
   def __getitem__(self, index: int) -> Record:
     record = self._source[index]
     return {'image': np.asarray(record[self._image_key], dtype=np.uint8), 'label': int(record[self._label_key])}
+
+
+def open_tfds(name: str, *, split: str, data_dir: str | None):
+  """``tfds.data_source(name, split=split)`` read from ``data_dir``, or :class:`DatasetNotPreparedError` saying how
+  to prepare it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; digits runs need none)
+
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise
+  except Exception as e:  # tfds reports a missing dataset as a NotImplementedError about the file format.
+    if error := _not_prepared_error(name, data_dir):
+      raise error from e
+    raise
 
 
 def _not_prepared_error(name: str, data_dir: str | None) -> DatasetNotPreparedError | None:
@@ -138,14 +157,44 @@ def _not_prepared_error(name: str, data_dir: str | None) -> DatasetNotPreparedEr
       + (f'\n{steps}' if steps else ''))
 
 
-def get_source(name: str, *, split: str, data_dir: str | None = None) -> DigitsSource | TfdsSource:
-  """Returns the source named ``name``: ``'digits'`` (embedded) or any TFDS image-classification dataset.
+def get_source(name: str, *, split: str, data_dir: str | None = None, feature: str = '', num_frames: int = 0,
+               length: int = 0, sample_rate: int = 0) -> Source:
+  """Returns the source named ``name``: embedded (``'digits'``, ``'moving_digits'``, ``'tones'``) or TFDS.
+
+  A TFDS dataset is read as images, clips or waveforms by the type of its ``feature``
+  (:class:`TfdsSource` for an ``Image``; :class:`diffax.data.tfds_media.TfdsMediaSource` for a ``Video`` or an
+  ``Audio`` feature, e.g. ``moving_mnist``'s ``'image_sequence'``, ``ucf101``'s ``'video'``, ``speech_commands``'
+  ``'audio'``).
 
   Args:
-    name: ``'digits'`` or a TFDS name such as ``'cifar10'`` or ``'imagenet_resized/64x64'``.
-    split: split of that dataset (``'train'`` / ``'test'`` / ``'all'`` for digits).
-    data_dir: TFDS data directory; ignored for digits.
+    name: ``'digits'``, ``'moving_digits'``, ``'tones'`` or a TFDS name such as ``'cifar10'``, ``'moving_mnist'``.
+    split: split of that dataset (``'train'`` / ``'test'`` / ``'all'`` for digits and moving digits).
+    data_dir: TFDS data directory; ignored for the embedded sets.
+    feature: the TFDS feature holding the data ('' = ``'image'``, or the dataset's one video / audio feature).
+    num_frames: frames per clip (0 = the dataset's; moving digits: 16).
+    length: samples per waveform (0 = the dataset's; tones: 1024).
+    sample_rate: the sample rate the model expects (0 = the dataset's; tones: 8000); a TFDS dataset recorded at
+      another rate is an error.
   """
+  from diffax.data import moving_digits, tfds_media, tones  # pylint: disable=g-import-not-at-top
+
+  given = {'data.feature': feature, 'data.num_frames': num_frames, 'data.length': length,
+           'data.sample_rate': sample_rate}
+  takes = {'digits': (), 'moving_digits': ('data.num_frames',), 'tones': ('data.length', 'data.sample_rate')}
+  for key, value in given.items():
+    if name in takes and value and key not in takes[name]:
+      raise SourceConfigError(key, f'the embedded {name!r} set takes no {key.split(".")[1]} (it takes '
+                              f'{list(takes[name]) or "none of data.feature / num_frames / length / sample_rate"}); '
+                              'leave it at its default.')
   if name == 'digits':
     return DigitsSource(split)
-  return TfdsSource(name, split=split, data_dir=data_dir)
+  if name == 'moving_digits':
+    return moving_digits.MovingDigitsSource(split, num_frames=num_frames or 16)
+  if name == 'tones':
+    return tones.TonesSource(split, length=length or 1024, sample_rate=sample_rate or 8000)
+  media_args = num_frames or length or sample_rate
+  if feature == 'image' or (not feature and not media_args
+                            and 'image' in open_tfds(name, split=split, data_dir=data_dir).dataset_info.features):
+    return TfdsSource(name, split=split, data_dir=data_dir)
+  return tfds_media.TfdsMediaSource(name, split=split, data_dir=data_dir, feature=feature, num_frames=num_frames,
+                                    length=length, sample_rate=sample_rate)
