@@ -14,6 +14,6 @@ from diffax.data.sources import get_source
 from diffax.data.tones import TonesSource
 
 __all__ = [
-    'DatasetNotPreparedError', 'DigitsSource', 'MovingDigitsSource', 'NUM_CLASSES', 'Source', 'SourceConfigError', 'TfdsSource',
-    'TonesSource', 'get_source', 'load_digits', 'make_iterator'
+    'DatasetNotPreparedError', 'DigitsSource', 'MovingDigitsSource', 'NUM_CLASSES', 'Source', 'SourceConfigError',
+    'TfdsSource', 'TonesSource', 'get_source', 'load_digits', 'make_iterator'
 ]
