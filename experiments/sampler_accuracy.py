@@ -2,6 +2,8 @@
 
   python experiments/sampler_accuracy.py            # the full table (NFE 5 ... 1000), ~15 min on 2 CPU cores
   python experiments/sampler_accuracy.py --quick    # NFE 10 and 50 only, a few minutes (what `make run` does)
+  python experiments/sampler_accuracy.py --few-step --out experiments/results/sampler_accuracy_few_step.md
+                                                    # 5-20 NFE: every few-step solver x grid x final step, ~10 min
 
 Every sampler is driven by the exact denoiser of a 2-D ring mixture with unequal weights and of a 64-D
 anisotropic mixture, so all error comes from the sampler. For each sampler and model-evaluation budget it prints
@@ -19,6 +21,7 @@ import argparse
 from collections.abc import Callable
 import dataclasses
 import functools
+import itertools
 import os
 import sys
 import time
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 
 from diffax.diffusion import schedules
 from diffax.diffusion.parameterization import Denoiser
-from diffax.diffusion.samplers import ancestral, ddim, dpm_solver, edm, ode, pc
+from diffax.diffusion.samplers import ancestral, ddim, deis, dpm_solver, edm, ode, pc, unipc
 from diffax.testing import metrics, mixtures
 
 
@@ -60,7 +63,66 @@ def _entries() -> list[Entry]:
       Entry('dpm-solver++(2m)', linear, 'eps', lambda n: n, dpm_solver.dpm_solver_sample),
       Entry('dpm-solver++(3m)', linear, 'eps', lambda n: n,
             lambda **kw: dpm_solver.dpm_solver_sample(order=3, **kw)),
+      Entry('sde-dpm-solver++(2m)', linear, 'eps', lambda n: n,
+            lambda **kw: dpm_solver.dpm_solver_sample(method='sde', **kw)),
+      Entry('unipc', linear, 'eps', lambda n: n, unipc.unipc_sample),
+      Entry('deis', linear, 'eps', lambda n: n, deis.deis_sample),
+      Entry('ipndm', linear, 'eps', lambda n: n, deis.ipndm_sample),
   ]
+
+
+FEW_STEP_SOLVERS = {
+    'dpm-solver++(2m)': functools.partial(dpm_solver.dpm_solver_sample, order=2),
+    'dpm-solver++(3m)': functools.partial(dpm_solver.dpm_solver_sample, order=3),
+    'unipc-2 bh2': functools.partial(unipc.unipc_sample, order=2, variant='bh2'),
+    'unipc-3 bh2': functools.partial(unipc.unipc_sample, order=3, variant='bh2'),
+    'unipc-3 bh1': functools.partial(unipc.unipc_sample, order=3, variant='bh1'),
+    'deis-3': functools.partial(deis.deis_sample, order=3),
+    'ipndm-4': functools.partial(deis.ipndm_sample, order=4),
+}
+"""Few-step solvers, each crossed with the grids and final steps of :func:`few_step_table`."""
+BASELINES = (('dpm-solver++(2m)', 'linspace', True), ('unipc-2 bh2', 'linspace', True))
+"""diffusers' DPMSolverMultistep and UniPC defaults: time-uniform 'linspace' integer grid, final sigma zero."""
+
+
+def few_step_table(mixture: mixtures.GaussianMixture, label: str, nfes: list[int], n: int) -> list[str]:
+  """For each NFE: every solver x grid (log-SNR, Karras, diffusers' linspace) x final step (jump to the
+  x0-prediction or stop at t_min) on LinearSchedule; the best configuration by sliced W2 next to the floor, the
+  default of each solver, and diffusers' time-uniform baselines."""
+  floor, reference = metrics.noise_floor(mixture, n, jax.random.PRNGKey(1))
+  schedule = schedules.LinearSchedule()
+  denoiser = mixture.denoiser(schedule)
+  rows = [f'\n### {label}: 5-{max(nfes)} NFE (n = {n}, LinearSchedule)\n',
+          '| NFE | best: solver, grid, final step | SW | sharpness | unipc default | deis default | '
+          'dpm-solver++ default | diffusers dpm++(2m) linspace | diffusers unipc linspace | floor SW |',
+          '|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for nfe in nfes:
+    results = {}
+    for name, solver in FEW_STEP_SOLVERS.items():
+      finals = (None,) if name.startswith('ipndm') else (True, False)
+      for spacing, final in itertools.product(('log_snr', 'karras', 'linspace'), finals):
+        kwargs = {} if final is None else {'denoise_to_zero': final}
+        fn = jax.jit(lambda rng, f=solver, kw=kwargs, sp=spacing: f(denoiser, rng, (n, mixture.dim), num_steps=nfe,
+                                                                    spacing=sp, **kw))
+        report = metrics.mixture_report(fn(jax.random.PRNGKey(0)).samples, mixture, reference, jax.random.PRNGKey(2))
+        results[name, spacing, final] = report
+    for key, solver in (('unipc default', unipc.unipc_sample), ('deis default', deis.deis_sample),
+                        ('dpm default', dpm_solver.dpm_solver_sample)):
+      fn = jax.jit(lambda rng, f=solver: f(denoiser, rng, (n, mixture.dim), num_steps=nfe))
+      results[key] = metrics.mixture_report(fn(jax.random.PRNGKey(0)).samples, mixture, reference,
+                                            jax.random.PRNGKey(2))
+    configs = [k for k in results if isinstance(k, tuple)]
+    best = min(configs, key=lambda k: results[k]['sw'])
+    cell = lambda r: f"{r['sw']:.4f} / {r['sharpness']:.2f}"
+    final_name = {True: 'jump to x0', False: 'stop at t_min', None: 'AB to 0'}[best[2]]
+    rows.append(f"| {nfe} | {best[0]}, {best[1]}, {final_name} | {results[best]['sw']:.4f} | "
+                f"{results[best]['sharpness']:.3f} | {cell(results['unipc default'])} | "
+                f"{cell(results['deis default'])} | {cell(results['dpm default'])} | "
+                f"{cell(results[BASELINES[0]])} | {cell(results[BASELINES[1]])} | {floor['sw']:.4f} |")
+    print(rows[-1], flush=True)
+  rows.append('\nCells are sliced W2 / sharpness (1 is exact). Defaults: unipc = UniPC-2 bh2, log-SNR, stop at t_min; '
+              'deis = DEIS-3, log-SNR, jump; dpm-solver++ = 2M, log-SNR, jump.')
+  return rows
 
 
 def _timed(fn, *args):
@@ -156,7 +218,21 @@ def main() -> None:
   parser.add_argument('--samples', type=int, default=None, help='samples per run')
   parser.add_argument('--overhead-batch', type=int, default=256, help='batch of the overhead table')
   parser.add_argument('--out', default=None, help='also write the markdown tables to this file')
+  parser.add_argument('--few-step', action='store_true', help='only the 5-20 NFE solver x grid x final-step table')
   args = parser.parse_args()
+  if args.few_step:
+    nfes, n = args.nfe or [5, 6, 8, 10, 15, 20], args.samples or 2048
+    header = (f"# Few-step sampler accuracy\n\n`python experiments/sampler_accuracy.py {' '.join(sys.argv[1:])}` on "
+              f'{jax.devices()[0].platform.upper()}, jax {jax.__version__}, {time.strftime("%Y-%m-%d")}.\n')
+    print(header)
+    rows = few_step_table(mixtures.ring_mixture(), '2-D ring mixture', nfes, n)
+    rows += few_step_table(mixtures.anisotropic_mixture(), '64-D anisotropic mixture', nfes, n)
+    text = header + '\n'.join(rows)
+    print(text)
+    if args.out:
+      with open(args.out, 'w') as f:
+        f.write(text + '\n')
+    return
   nfes = args.nfe or ([10, 50] if args.quick else [5, 10, 20, 50, 100, 1000])
   n = args.samples or (2048 if args.quick else 4096)
   header = (f"# Sampler accuracy\n\n`python experiments/sampler_accuracy.py {' '.join(sys.argv[1:])}` on "
