@@ -9,7 +9,8 @@ with ``iw`` the importance weight of the time distribution (:mod:`time_sampling`
 every prediction is affine in ``x0_hat``, so its error is a multiple of the x0-space error,
 
   ||out - out*||^2 = c^2(t) ||x0_hat - x_0||^2,                                                         (2)
-  c^2 = snr (eps), 1 (x0), (alpha^2 + sigma^2)^2 / sigma^2 (v), alpha^2 / sigma^4 (score), 1 / c_out^2 (edm)
+  c^2 = snr (eps), 1 (x0), (alpha^2 + sigma^2)^2 / sigma^2 (v), alpha^2 / sigma^4 (score), 1 / c_out^2 (edm),
+        d^2 / sigma^2 (velocity; d = alpha sigma_dot - sigma alpha_dot, so 1 / t^2 on the linear path)
 
 with ``snr = alpha_t^2 / sigma_t^2`` (e.g. ``||eps - eps_hat||^2 = snr ||x_0 - x0_hat||^2``). The loss is
 evaluated as ``(w / c^2) ||out - out*||^2`` in the model's own output space, which is exact and free of the
@@ -31,6 +32,13 @@ cancellation a conversion to x0 would bring, and any weighting works with any pr
                                                 "Maximum Likelihood Training", thm. 1)
   ``'edm'``            (sigma^2 + s_d^2) / (sigma s_d)^2   EDM (Karras et al. 2022) eq. 8 and Table 1;
                                                 ``lambda c_out^2 = 1``: unit weight on the raw network F
+  ``'velocity'``       d^2 / sigma^2             the velocity MSE of conditional flow matching (Lipman et al.
+                                                2023, eq. 23); on the linear path SD3's ``w_t = t / (1 - t)``
+                                                on the eps-loss (Esser et al. 2024, sec. 3.1)
+
+SD3's comparison (its Table 1) is a weighting and a time density each: ``'velocity'`` with the densities of
+:func:`flow_loss` (rf, rf/lognorm, rf/mode, rf/cosmap), ``'eps'`` (eps/linear, LDM) and ``'v'`` (v/cos) with
+:func:`dsm_loss` on a VP schedule, ``'edm'`` with :func:`edm_loss`.
 
 Conditioning: ``batch['cond']`` (class labels [B] int, a context [B, L, D], or a pytree of such) goes to
 ``apply_fn`` after :func:`drop_condition` (classifier-free guidance training). The loss rng is split into
@@ -53,13 +61,14 @@ import jax.numpy as jnp
 
 from diffax.diffusion import parameterization, time_sampling, vlb
 from diffax.diffusion.schedules import EDM, Schedule, expand_like
+from diffax.diffusion.time_sampling import FLOW_TIME_SAMPLINGS, sample_times, shift_times
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]
 """``apply_fn(params, x [B, ...], t [B], cond, *, train: bool, rngs: dict) -> output [B, ...]`` (Flax apply)."""
 LossFn = Callable[[Any, dict[str, Any], Array], tuple[Array, dict[str, Array]]]
 """``loss_fn(params, batch, rng) -> (scalar loss, aux)``; ``batch = {'x': [B, ...], 'cond': optional}``."""
-WEIGHTINGS = ('eps', 'x0', 'v', 'output', 'truncated_snr', 'min_snr', 'p2', 'likelihood', 'edm')
+WEIGHTINGS = ('eps', 'x0', 'v', 'output', 'truncated_snr', 'min_snr', 'p2', 'likelihood', 'edm', 'velocity')
 REDUCTIONS = ('mean', 'sum')
 
 
@@ -91,8 +100,10 @@ class Weighting:
       return jnp.ones_like(snr)
     if self.kind == 'v':
       return jnp.square(jnp.square(alpha_t) + jnp.square(sigma_t)) / jnp.square(sigma_t)
-    if self.kind == 'output':
-      return output_scale_sq(prediction, alpha_t, sigma_t, sigma_data=sigma_data)
+    if self.kind in ('output', 'velocity'):
+      alpha_dot_t, sigma_dot_t = schedule.alpha_sigma_dot(t)
+      return output_scale_sq(prediction if self.kind == 'output' else 'velocity', alpha_t, sigma_t,
+                             sigma_data=sigma_data, alpha_dot_t=alpha_dot_t, sigma_dot_t=sigma_dot_t)
     if self.kind == 'truncated_snr':
       return jnp.maximum(snr, 1.0)
     if self.kind == 'min_snr':
@@ -106,9 +117,17 @@ class Weighting:
     return (jnp.square(sigma) + sigma_data**2) / jnp.square(sigma * sigma_data)
 
 
-def output_scale_sq(prediction: str, alpha_t: Array, sigma_t: Array, *, sigma_data: float = 0.5) -> Array:
-  """``c^2`` [B] of eq. (2): ``||out - out*||^2 = c^2 ||x0_hat - x_0||^2`` at fixed ``(x_t, t)``."""
+def output_scale_sq(prediction: str, alpha_t: Array, sigma_t: Array, *, sigma_data: float = 0.5,
+                    alpha_dot_t: Array | None = None, sigma_dot_t: Array | None = None) -> Array:
+  """``c^2`` [B] of eq. (2): ``||out - out*||^2 = c^2 ||x0_hat - x_0||^2`` at fixed ``(x_t, t)``.
+
+  ``'velocity'`` needs the rates (``schedule.alpha_sigma_dot``): ``u - u* = -(d / sigma) (x0_hat - x_0)``.
+  """
   parameterization.check_prediction(prediction)
+  if prediction == 'velocity':
+    if alpha_dot_t is None or sigma_dot_t is None:
+      raise ValueError("prediction='velocity' needs the rates alpha_dot_t, sigma_dot_t (schedule.alpha_sigma_dot).")
+    return jnp.square((alpha_t * sigma_dot_t - sigma_t * alpha_dot_t) / sigma_t)
   if prediction == 'eps':
     return jnp.square(alpha_t / sigma_t)
   if prediction == 'x0':
@@ -169,8 +188,21 @@ class _Forward:
   t: Array
   alpha_t: Array
   sigma_t: Array
+  alpha_dot_t: Array
+  sigma_dot_t: Array
   output: Array
   dropped: Array
+
+  def target(self, prediction: str, sigma_data: float) -> Array:
+    """What a ``prediction`` model should output here [B, ...]."""
+    return parameterization.output_from_x0_eps(prediction, self.x0, self.noise, self.x_t, self.alpha_t,
+                                               self.sigma_t, sigma_data=sigma_data, alpha_dot_t=self.alpha_dot_t,
+                                               sigma_dot_t=self.sigma_dot_t)
+
+  def scale_sq(self, prediction: str, sigma_data: float) -> Array:
+    """``c^2`` [B] of eq. (2) here."""
+    return output_scale_sq(prediction, self.alpha_t, self.sigma_t, sigma_data=sigma_data,
+                           alpha_dot_t=self.alpha_dot_t, sigma_dot_t=self.sigma_dot_t)
 
 
 def _forward(apply_fn: ApplyFn, params: Any, batch: dict[str, Any], t: Array, rng_noise: Array,
@@ -179,11 +211,12 @@ def _forward(apply_fn: ApplyFn, params: Any, batch: dict[str, Any], t: Array, rn
   x0 = jnp.asarray(batch['x'], jnp.float32)
   noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
   alpha_t, sigma_t = schedule.alpha_sigma(t)
+  alpha_dot_t, sigma_dot_t = schedule.alpha_sigma_dot(t)
   x_t = schedule.marginal(x0, t, noise)
   cond, dropped = drop_condition(batch.get('cond'), rng_cond, cond_dropout, batch_size=x0.shape[0])
   x_in, t_in = parameterization.model_inputs(prediction, x_t, t, alpha_t, sigma_t, sigma_data=sigma_data)
   output = apply_fn(params, x_in, t_in, cond, train=train, rngs={'dropout': rng_model}).astype(jnp.float32)
-  return _Forward(x0, noise, x_t, t, alpha_t, sigma_t, output, dropped)
+  return _Forward(x0, noise, x_t, t, alpha_t, sigma_t, alpha_dot_t, sigma_dot_t, output, dropped)
 
 
 def _reduce(x: Array, reduce: str) -> Array:
@@ -210,10 +243,8 @@ def _regression_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str, 
     t, iw = times(rng_time, batch['x'].shape[0])
     f = _forward(apply_fn, params, batch, t, rng_noise, rng_cond, rng_model, schedule=schedule,
                  prediction=prediction, sigma_data=sigma_data, cond_dropout=cond_dropout, train=train)
-    target = parameterization.output_from_x0_eps(prediction, f.x0, f.noise, f.x_t, f.alpha_t, f.sigma_t,
-                                                 sigma_data=sigma_data)
-    mse_x0 = _reduce(jnp.square(f.output - target), reduce) / output_scale_sq(
-        prediction, f.alpha_t, f.sigma_t, sigma_data=sigma_data)  # [B]
+    target = f.target(prediction, sigma_data)
+    mse_x0 = _reduce(jnp.square(f.output - target), reduce) / f.scale_sq(prediction, sigma_data)  # [B]
     weight = weighting(t, schedule=schedule, prediction=prediction, sigma_data=sigma_data) * iw  # [B]
     per_example = weight * mse_x0  # [B]
     aux = {'loss': per_example, 't': t, 'log_snr': schedule.log_snr(t), 'weight': weight, 'mse_x0': mse_x0,
@@ -288,6 +319,41 @@ def edm_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str = 'edm',
                           train=train)
 
 
+def flow_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str = 'velocity',
+              weighting: str | Weighting = 'velocity', time_sampling: str = 'uniform', loc: float = 0.0,
+              scale: float = 1.0, mode_scale: float = 1.29, shift: float = 1.0, t_eps: float | None = None,
+              antithetic: bool = False, reduce: str = 'mean', sigma_data: float = 0.5,
+              cond_dropout: CondDropout | None = None, train: bool = True) -> LossFn:
+  """Conditional flow matching (Lipman et al. 2023, eq. 23; Liu et al. 2023, eq. 1; SiT eq. 5; SD3 eq. 2):
+
+    L = E_{t, x_0, eps} || u_hat(x_t, t) - (alpha_dot_t x_0 + sigma_dot_t eps) ||^2,   t ~ pi(t),
+
+  the defaults (``prediction='velocity'``, ``weighting='velocity'``). Its minimiser is the marginal velocity
+  ``E[alpha_dot_t x_0 + sigma_dot_t eps | x_t]``, whose probability-flow ODE carries the prior to the data. The
+  time density is one of :data:`time_sampling.FLOW_TIME_SAMPLINGS` (``loc``, ``scale``: the logit-normal's;
+  ``mode_scale``: mode sampling's ``s``), then moved by :func:`time_sampling.shift_times` with ``shift`` (SD3
+  eq. 23) and kept in ``[t_eps, t_max]`` (``t_eps`` defaults to ``schedule.t_min``). Like every loss here it
+  takes any prediction and any weighting (module docstring), so SD3's table is a pair of arguments, and any
+  schedule on [0, 1]: on ``'rectified_flow'`` the target is ``eps - x_0``, on ``'gvp'`` SiT's GVP velocity.
+  """
+  t_lo = schedule.t_min if t_eps is None else t_eps
+  if time_sampling not in FLOW_TIME_SAMPLINGS:
+    raise ValueError(f'Unknown flow time sampling {time_sampling!r}; choose one of {FLOW_TIME_SAMPLINGS}.')
+  if schedule.t_max > 1.0:
+    raise ValueError(f'flow_loss draws t in [0, 1]; {type(schedule).__name__} runs to t_max = {schedule.t_max}.')
+  if shift <= 0:
+    raise ValueError(f'shift must be positive, got {shift}.')
+
+  def times(rng, batch_size):
+    t, iw = sample_times(rng, batch_size, schedule=schedule, method=time_sampling, antithetic=antithetic, t_eps=t_lo,
+                         loc=loc, scale=scale, mode_scale=mode_scale)
+    return jnp.clip(shift_times(t, shift), t_lo, schedule.t_max), iw
+
+  return _regression_loss(apply_fn, schedule=schedule, prediction=prediction, weighting=weighting,
+                          times=times, reduce=reduce, sigma_data=sigma_data, cond_dropout=cond_dropout,
+                          train=train)
+
+
 def hybrid_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str = 'eps',
                 variance: str = 'learned_range', vlb_weight: float = 1e-3, num_timesteps: int | None = None,
                 antithetic: bool = False, sigma_data: float = 0.5, cond_dropout: CondDropout | None = None,
@@ -312,10 +378,9 @@ def hybrid_loss(apply_fn: ApplyFn, *, schedule: Schedule, prediction: str = 'eps
                  prediction=prediction, sigma_data=sigma_data, cond_dropout=cond_dropout, train=train)
     mean_out, var_out = (jnp.split(f.output, 2, axis=-1) if variance == 'learned_range'
                          else (f.output, None))
-    target = parameterization.output_from_x0_eps(prediction, f.x0, f.noise, f.x_t, f.alpha_t, f.sigma_t,
-                                                 sigma_data=sigma_data)
+    target = f.target(prediction, sigma_data)
     scale = (Weighting('eps')(f.t, schedule=schedule, prediction=prediction, sigma_data=sigma_data)
-             / output_scale_sq(prediction, f.alpha_t, f.sigma_t, sigma_data=sigma_data))
+             / f.scale_sq(prediction, sigma_data))
     mse = scale * _reduce(jnp.square(mean_out - target), 'mean')  # [B] eps-space MSE
     frozen = jax.lax.stop_gradient(mean_out)
     output = frozen if var_out is None else jnp.concatenate([frozen, var_out], axis=-1)
@@ -335,6 +400,7 @@ LOSSES: dict[str, Callable[..., LossFn]] = {
     'dsm': dsm_loss,
     'edm': edm_loss,
     'hybrid': hybrid_loss,
+    'flow': flow_loss,
 }
 
 

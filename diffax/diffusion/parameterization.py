@@ -8,7 +8,16 @@ With ``x_t = alpha_t x_0 + sigma_t eps`` (schedules eq. 1) a network may predict
   * ``'score'`` ``grad log p_t(x_t) = -eps / sigma_t`` (Song et al. 2021);
   * ``'edm'``   the raw network ``F`` of EDM's preconditioned denoiser (Karras et al. 2022, eq. 7, Table 1)
     ``D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma))``, applied to the
-    VE-equivalent input ``x_t / alpha_t`` at ``sigma = sigma_t / alpha_t`` (EDM sec. 2, "scaling").
+    VE-equivalent input ``x_t / alpha_t`` at ``sigma = sigma_t / alpha_t`` (EDM sec. 2, "scaling");
+  * ``'velocity'`` the velocity of the path ``u = d x_t / dt = alpha_dot_t x_0 + sigma_dot_t eps`` (flow matching:
+    Lipman et al. 2023, eq. 15; Liu et al. 2023; SiT, Ma et al. 2024, eq. 3), ``eps - x_0`` on the linear path.
+    With ``x_t = alpha_t x_0 + sigma_t eps`` the 2x2 system has determinant ``d_t = alpha_t sigma_dot_t -
+    sigma_t alpha_dot_t`` (1 on the linear path, pi / 2 on GVP), and
+
+      x_0 = (sigma_dot_t x_t - sigma_t u) / d_t,    eps = (alpha_t u - alpha_dot_t x_t) / d_t.            (V)
+
+    Its conversions need the rates ``(alpha_dot_t, sigma_dot_t) = schedule.alpha_sigma_dot(t)`` besides
+    ``(alpha_t, sigma_t)``; :data:`RATE_PREDICTIONS` lists such predictions.
 
 For fixed ``(x_t, t)`` every prediction is an affine function of every other, so a model trained in one
 parameterisation can be sampled by any sampler, and classifier-free guidance is the same in all of them.
@@ -29,11 +38,21 @@ ModelFn = Callable[[Array, Array], Array]
 """``model_fn(x_t [B, ...], t [B]) -> output [B, ...]`` in the model's own parameterisation."""
 
 PREDICTIONS = ('eps', 'x0', 'v', 'score', 'edm')
+"""Predictions whose conversions need only ``(alpha_t, sigma_t)``."""
+RATE_PREDICTIONS = ('velocity',)
+"""Predictions whose conversions also need the rates ``(alpha_dot_t, sigma_dot_t)`` of the schedule."""
+ALL_PREDICTIONS = PREDICTIONS + RATE_PREDICTIONS
 
 
 def check_prediction(prediction: str) -> None:
-  if prediction not in PREDICTIONS:
-    raise ValueError(f'Unknown prediction {prediction!r}; choose one of {PREDICTIONS}.')
+  if prediction not in ALL_PREDICTIONS:
+    raise ValueError(f'Unknown prediction {prediction!r}; choose one of {ALL_PREDICTIONS}.')
+
+
+def _rates(prediction: str, alpha_dot_t: Array | None, sigma_dot_t: Array | None) -> None:
+  if prediction in RATE_PREDICTIONS and (alpha_dot_t is None or sigma_dot_t is None):
+    raise ValueError(f'prediction={prediction!r} needs the rates alpha_dot_t, sigma_dot_t '
+                     '(schedule.alpha_sigma_dot(t)).')
 
 
 def edm_preconditioning(sigma: Array, sigma_data: float) -> tuple[Array, Array, Array, Array]:
@@ -48,15 +67,22 @@ def edm_preconditioning(sigma: Array, sigma_data: float) -> tuple[Array, Array, 
 
 
 def x0_eps_from_output(prediction: str, output: Array, x_t: Array, alpha_t: Array, sigma_t: Array, *,
-                       sigma_data: float = 0.5) -> tuple[Array, Array]:
+                       sigma_data: float = 0.5, alpha_dot_t: Array | None = None,
+                       sigma_dot_t: Array | None = None) -> tuple[Array, Array]:
   """Converts a model output [B, ...] to ``(x0_hat, eps_hat)``; ``alpha_t``, ``sigma_t``: [B] or [].
 
   ``'edm'`` outputs are ``F`` of the preconditioned denoiser evaluated on the inputs given by
-  :func:`model_inputs`.
+  :func:`model_inputs`; ``'velocity'`` needs the rates ``alpha_dot_t``, ``sigma_dot_t`` ([B] or []), eq. (V).
   """
   check_prediction(prediction)
+  _rates(prediction, alpha_dot_t, sigma_dot_t)
   a, s = expand_like(alpha_t, x_t), expand_like(sigma_t, x_t)
-  if prediction == 'eps':
+  if prediction == 'velocity':
+    da, ds = expand_like(alpha_dot_t, x_t), expand_like(sigma_dot_t, x_t)
+    det = a * ds - s * da
+    x0 = (ds * x_t - s * output) / det
+    eps = (a * output - da * x_t) / det
+  elif prediction == 'eps':
     eps = output
     x0 = (x_t - s * eps) / a
   elif prediction == 'score':
@@ -78,10 +104,14 @@ def x0_eps_from_output(prediction: str, output: Array, x_t: Array, alpha_t: Arra
 
 
 def output_from_x0_eps(prediction: str, x0: Array, eps: Array, x_t: Array, alpha_t: Array,
-                       sigma_t: Array, *, sigma_data: float = 0.5) -> Array:
+                       sigma_t: Array, *, sigma_data: float = 0.5, alpha_dot_t: Array | None = None,
+                       sigma_dot_t: Array | None = None) -> Array:
   """The inverse of :func:`x0_eps_from_output`: the target a model of ``prediction`` type should output."""
   check_prediction(prediction)
+  _rates(prediction, alpha_dot_t, sigma_dot_t)
   a, s = expand_like(alpha_t, x_t), expand_like(sigma_t, x_t)
+  if prediction == 'velocity':
+    return velocity_from_x0_eps(x0, eps, alpha_dot_t, sigma_dot_t)
   if prediction == 'eps':
     return eps
   if prediction == 'score':
@@ -92,6 +122,11 @@ def output_from_x0_eps(prediction: str, x0: Array, eps: Array, x_t: Array, alpha
     return a * eps - s * x0
   c_skip, c_out, _, _ = edm_preconditioning(sigma_t / alpha_t, sigma_data)
   return (x0 - expand_like(c_skip, x_t) * (x_t / a)) / expand_like(c_out, x_t)
+
+
+def velocity_from_x0_eps(x0: Array, eps: Array, alpha_dot_t: Array, sigma_dot_t: Array) -> Array:
+  """``u = alpha_dot_t x0 + sigma_dot_t eps`` [B, ...]: the velocity of the path through ``(x0, eps)``."""
+  return expand_like(alpha_dot_t, x0) * x0 + expand_like(sigma_dot_t, x0) * eps
 
 
 def model_inputs(prediction: str, x_t: Array, t: Array, alpha_t: Array, sigma_t: Array, *,
@@ -118,7 +153,9 @@ def denoise(model_fn: ModelFn, x_t: Array, t: Array, *, schedule: Schedule, pred
   alpha_t, sigma_t = schedule.alpha_sigma(t)
   x_in, t_in = model_inputs(prediction, x_t, t, alpha_t, sigma_t, sigma_data=sigma_data)
   output = model_fn(x_in, t_in).astype(jnp.float32)
-  return x0_eps_from_output(prediction, output, x_t, alpha_t, sigma_t, sigma_data=sigma_data)
+  alpha_dot_t, sigma_dot_t = schedule.alpha_sigma_dot(t) if prediction in RATE_PREDICTIONS else (None, None)
+  return x0_eps_from_output(prediction, output, x_t, alpha_t, sigma_t, sigma_data=sigma_data,
+                            alpha_dot_t=alpha_dot_t, sigma_dot_t=sigma_dot_t)
 
 
 @dataclasses.dataclass(frozen=True)

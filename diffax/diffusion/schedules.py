@@ -57,6 +57,16 @@ class Schedule(abc.ABC):
   def prior_std(self) -> float:
     """Standard deviation of the prior N(0, prior_std^2 I) that sampling starts from at ``t_max``."""
 
+  def alpha_sigma_dot(self, t: Array) -> tuple[Array, Array]:
+    """The rates ``(d alpha_t / dt, d sigma_t / dt)``, each with the shape of ``t``, by forward-mode autodiff.
+
+    They define the velocity ``u = d x_t / dt = alpha_dot_t x_0 + sigma_dot_t eps`` of the path (Lipman et al.
+    2023, "Flow Matching", eq. 15; Ma et al. 2024, "SiT", eq. 3); the interpolants override them in closed form.
+    """
+    t = _as_f32(t)
+    _, rates = jax.jvp(self.alpha_sigma, (t,), (jnp.ones_like(t),))
+    return rates
+
   def log_snr(self, t: Array) -> Array:
     """``log(alpha_t^2 / sigma_t^2)`` (VDM eq. 2)."""
     alpha_t, sigma_t = self.alpha_sigma(t)
@@ -349,6 +359,78 @@ class CosineSchedule(DiscreteSchedule):
     return np.minimum(1.0 - abar[1:] / abar[:-1], self.max_beta)
 
 
+class Interpolant(Schedule):
+  """A path ``x_t = alpha_t x_0 + sigma_t eps`` from data at ``t = 0`` (``alpha = 1, sigma = 0``) to pure noise at
+  ``t = 1`` (``alpha = 0, sigma = 1``): the stochastic interpolants of Albergo & Vanden-Eijnden 2023 in the
+  convention of SiT (Ma et al. 2024, sec. 2.2) and SD3 (Esser et al. 2024, sec. 2).
+
+  The end points themselves are singular in log-SNR (``+inf`` at 0, ``-inf`` at 1), so ``t_min`` and ``t_max``
+  stop just inside; the prior is ``N(0, I)``, the exact marginal at ``t = 1``, whose mismatch at ``t_max`` is
+  ``alpha_{t_max} x_0`` (1e-3 for the defaults, below VP's ``alpha_1 = 6.6e-3``). The log-SNR samplers
+  (DDIM, DPM-Solver, the adaptive ODE) need ``t_max < 1``; the flow samplers of
+  :mod:`diffax.diffusion.samplers.flow` also run from ``t_max = 1``.
+  """
+
+  @property
+  def prior_std(self) -> float:
+    return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RectifiedFlow(Interpolant):
+  """The linear path ``alpha_t = 1 - t``, ``sigma_t = t`` (Liu et al. 2023, "Rectified Flow", eq. 1; Lipman et al.
+  2023's optimal-transport path with ``sigma_min = 0``; SiT's "Linear"; SD3 eq. 3), velocity ``u = eps - x_0``.
+
+  ``log_snr = 2 log((1 - t) / t)`` and ``t = sigmoid(-log_snr / 2)``.
+  """
+
+  t_min: float = 1e-3
+  t_max: float = 1.0 - 1e-3
+
+  def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
+    t = _as_f32(t)
+    return 1.0 - t, t
+
+  def alpha_sigma_dot(self, t: Array) -> tuple[Array, Array]:
+    t = _as_f32(t)
+    return -jnp.ones_like(t), jnp.ones_like(t)
+
+  def log_snr(self, t: Array) -> Array:
+    t = _as_f32(t)
+    return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+  def t_from_log_snr(self, log_snr: Array) -> Array:
+    return jax.nn.sigmoid(-0.5 * _as_f32(log_snr))
+
+
+@dataclasses.dataclass(frozen=True)
+class GVP(Interpolant):
+  """SiT's generalised variance-preserving path ``alpha_t = cos(pi t / 2)``, ``sigma_t = sin(pi t / 2)`` (Ma et al.
+  2024, sec. 2.2; Albergo & Vanden-Eijnden 2023's trigonometric interpolant), velocity
+  ``u = pi / 2 (cos(pi t / 2) eps - sin(pi t / 2) x_0)``, which is ``pi / 2`` times Salimans & Ho's ``v``.
+
+  ``log_snr = -2 log tan(pi t / 2)`` and ``t = 2 / pi arctan(exp(-log_snr / 2))``. In log-SNR it is the
+  continuous-time cosine schedule of Nichol & Dhariwal 2021 without the offset ``s``.
+  """
+
+  t_min: float = 1e-3
+  t_max: float = 1.0 - 1e-3
+
+  def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
+    angle = 0.5 * math.pi * _as_f32(t)
+    return jnp.cos(angle), jnp.sin(angle)
+
+  def alpha_sigma_dot(self, t: Array) -> tuple[Array, Array]:
+    angle = 0.5 * math.pi * _as_f32(t)
+    return -0.5 * math.pi * jnp.sin(angle), 0.5 * math.pi * jnp.cos(angle)
+
+  def log_snr(self, t: Array) -> Array:
+    return -2.0 * jnp.log(jnp.tan(0.5 * math.pi * _as_f32(t)))
+
+  def t_from_log_snr(self, log_snr: Array) -> Array:
+    return (2.0 / math.pi) * jnp.arctan(jnp.exp(-0.5 * _as_f32(log_snr)))
+
+
 SCHEDULES: dict[str, type[Schedule]] = {
     'linear': LinearSchedule,
     'cosine': CosineSchedule,
@@ -356,6 +438,8 @@ SCHEDULES: dict[str, type[Schedule]] = {
     'subvp': SubVPSDE,
     've': VESDE,
     'edm': EDM,
+    'rectified_flow': RectifiedFlow,
+    'gvp': GVP,
 }
 
 

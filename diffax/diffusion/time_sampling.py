@@ -19,9 +19,25 @@ Methods of :func:`sample_times`, each returning times ``t`` [B] and importance w
   * ``'lognormal'``: ``ln sigma ~ N(p_mean, p_std^2)`` with ``sigma = sigma_t / alpha_t`` (EDM, Karras et al.
     2022, Table 1), mapped to a time by ``t_from_log_snr(-2 ln sigma)`` and clipped to ``[t_min, t_max]``;
     on the EDM schedule ``t = sigma`` unclipped and the draw is ``EDM.training_sigma``.
+
+The flow-matching time densities of SD3 (Esser et al. 2024, "Scaling Rectified Flow Transformers", sec. 3.1),
+for schedules on ``t`` in [0, 1] (:data:`FLOW_TIME_SAMPLINGS`, with ``'uniform'``), clipped to
+``[t_eps, t_max]``. SD3 counts them as loss weightings ``w_t = t / (1 - t) pi(t)`` on the eps-loss; here, as
+there, ``t`` is drawn from ``pi`` and the importance weights are ones:
+  * ``'logit_normal'``: ``t = sigmoid(loc + scale n)``, ``n ~ N(0, 1)`` (SD3 eq. 19, "lognorm(m, s)"; density
+    ``pi(t) = exp(-(logit(t) - loc)^2 / (2 scale^2)) / (scale sqrt(2 pi) t (1 - t))``; SD3 trains with (0, 1)).
+  * ``'mode'``: ``t = f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u)``, ``u ~ U(0, 1)`` (SD3 eq. 20, "mode(s)",
+    ``s = mode_scale`` in ``[-1, 2 / (pi - 2)]``): uniform for ``s = 0``, more mass in the middle for ``s > 0``,
+    and unlike the logit-normal a density that stays positive at both ends (heavy tails).
+  * ``'cosmap'``: ``t = 1 - 1 / (tan(pi u / 2) + 1)`` (SD3 eq. 21, the cosine schedule's log-SNR density).
+
+:func:`shift_times` is the resolution-dependent timestep shift (SD3 eq. 23), for training times and sampling
+grids alike, with the shifts of SD3 (:func:`resolution_shift`) and Flux (:func:`flux_shift`).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +45,9 @@ import jax.numpy as jnp
 from diffax.diffusion.schedules import EDM, DiscreteSchedule, Schedule
 
 Array = jax.Array
-TIME_SAMPLINGS = ('discrete', 'uniform', 'log_snr', 'lognormal')
+TIME_SAMPLINGS = ('discrete', 'uniform', 'log_snr', 'lognormal', 'logit_normal', 'mode', 'cosmap')
+FLOW_TIME_SAMPLINGS = ('uniform', 'logit_normal', 'mode', 'cosmap')
+"""The time densities of SD3's flow-matching comparison (module docstring), for schedules on [0, 1]."""
 
 
 def stratified_uniform(rng: Array, batch_size: int, *, antithetic: bool = False) -> Array:
@@ -69,7 +87,8 @@ def sample_timesteps(rng: Array, batch_size: int, num_timesteps: int, *, antithe
 
 def sample_times(rng: Array, batch_size: int, *, schedule: Schedule, method: str = 'uniform',
                  antithetic: bool = False, num_timesteps: int | None = None, t_eps: float | None = None,
-                 p_mean: float = -1.2, p_std: float = 1.2) -> tuple[Array, Array]:
+                 p_mean: float = -1.2, p_std: float = 1.2, loc: float = 0.0, scale: float = 1.0,
+                 mode_scale: float = 1.29) -> tuple[Array, Array]:
   """Draws training times by ``method`` (module docstring).
 
   Args:
@@ -81,6 +100,8 @@ def sample_times(rng: Array, batch_size: int, *, schedule: Schedule, method: str
     num_timesteps: N for ``'discrete'`` (see :func:`resolve_num_timesteps`).
     t_eps: lower end for ``'uniform'`` and ``'log_snr'``; defaults to ``schedule.t_min``.
     p_mean, p_std: ``'lognormal'`` constants; ignored on the EDM schedule, which holds its own.
+    loc, scale: ``'logit_normal'``'s location and scale (SD3's ``m``, ``s``).
+    mode_scale: ``'mode'``'s ``s`` (SD3's best: 1.29).
 
   Returns:
     ``t`` [B] float32 and importance weights [B] float32 (ones except for ``'log_snr'``).
@@ -98,6 +119,8 @@ def sample_times(rng: Array, batch_size: int, *, schedule: Schedule, method: str
   u = stratified_uniform(rng, batch_size, antithetic=antithetic)
   if method == 'uniform':
     return t_lo + u * (t_hi - t_lo), ones
+  if method in FLOW_TIME_SAMPLINGS:
+    return jnp.clip(_flow_times(u, schedule, method, loc, scale, mode_scale), t_lo, t_hi), ones
   lam_hi = schedule.log_snr(jnp.float32(t_lo))
   lam_lo = schedule.log_snr(jnp.float32(t_hi))
   t = jnp.clip(schedule.t_from_log_snr(lam_hi + u * (lam_lo - lam_hi)), t_lo, t_hi)
@@ -122,3 +145,44 @@ def _lognormal_times(rng: Array, batch_size: int, schedule: Schedule, antithetic
     return sigma
   t = schedule.t_from_log_snr(-2.0 * jnp.log(sigma))
   return jnp.clip(t, schedule.t_min, schedule.t_max)
+
+
+def _flow_times(u: Array, schedule: Schedule, method: str, loc: float, scale: float, mode_scale: float) -> Array:
+  """SD3's time densities (module docstring) as maps of uniforms ``u`` [B] to ``t`` [B] in [0, 1]."""
+  if schedule.t_max > 1.0:
+    raise ValueError(f'time sampling {method!r} draws t in [0, 1]; {type(schedule).__name__} runs to t_max = '
+                     f'{schedule.t_max}. Use a schedule on [0, 1] (e.g. rectified_flow, gvp, vp).')
+  if method == 'logit_normal':
+    if scale <= 0:
+      raise ValueError(f'logit_normal needs scale > 0, got {scale}.')
+    normal = jax.scipy.special.ndtri(jnp.clip(u, 1e-7, 1.0 - 1e-7))
+    return jax.nn.sigmoid(loc + scale * normal)
+  if method == 'mode':
+    if not -1.0 <= mode_scale <= 2.0 / (math.pi - 2.0):
+      raise ValueError(f'mode_scale must lie in [-1, 2 / (pi - 2)] = [-1, 1.752] for a monotone map (SD3 eq. 20), '
+                       f'got {mode_scale}.')
+    return 1.0 - u - mode_scale * (jnp.square(jnp.cos(0.5 * math.pi * u)) - 1.0 + u)
+  return 1.0 - 1.0 / (jnp.tan(0.5 * math.pi * u) + 1.0)
+
+
+def shift_times(t: Array, shift: float | Array) -> Array:
+  """SD3 eq. 23: ``t' = shift t / (1 + (shift - 1) t)`` for ``t`` in [0, 1] (any shape).
+
+  Keeps 0 and 1 and moves every time towards noise for ``shift > 1``; on the linear path it lowers the log-SNR
+  by exactly ``2 log(shift)``, i.e. scales the noise-to-signal ratio ``sigma_t / alpha_t`` by ``shift``.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def resolution_shift(num_pixels: int, base_pixels: int = 256 * 256) -> float:
+  """SD3's shift ``sqrt(m / n)`` (sec. 5.3.2) for ``m = num_pixels`` against the base resolution ``n``."""
+  return math.sqrt(num_pixels / base_pixels)
+
+
+def flux_shift(seq_len: int, *, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+               max_shift: float = 1.15) -> float:
+  """Flux's shift ``exp(mu)``, ``mu`` linear in the image sequence length from ``base_shift`` at ``base_seq_len``
+  tokens to ``max_shift`` at ``max_seq_len`` (Flux.1 ``get_schedule``; diffusers ``calculate_shift``)."""
+  mu = base_shift + (max_shift - base_shift) * (seq_len - base_seq_len) / (max_seq_len - base_seq_len)
+  return math.exp(mu)

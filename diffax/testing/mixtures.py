@@ -5,7 +5,12 @@ If ``x_0 ~ sum_k w_k N(mu_k, Sigma_k)`` then ``x_t = alpha x_0 + sigma eps`` is 
 
   E[x_0 | x_t] = sum_k r_k(x_t) (mu_k + alpha Sigma_k (alpha^2 Sigma_k + sigma^2 I)^-1 (x_t - alpha mu_k)),
 
-with ``r_k`` the posterior responsibilities under the noised mixture. Covariances are stored by their
+with ``r_k`` the posterior responsibilities under the noised mixture. The marginal velocity of the path
+(flow matching's regression target, Lipman et al. 2023 eq. 8; SiT eq. 4) follows from it,
+
+  u(x_t, t) = E[alpha_dot_t x_0 + sigma_dot_t eps | x_t] = alpha_dot_t E[x_0 | x_t] + sigma_dot_t E[eps | x_t],
+
+with ``E[eps | x_t] = (x_t - alpha_t E[x_0 | x_t]) / sigma_t``. Covariances are stored by their
 eigendecomposition ``Sigma_k = U_k diag(lambda_k) U_k^T``, so every solve is a diagonal rescaling.
 This module drives the closed-form tests of schedules, losses, samplers and likelihoods, and the
 ``experiments/sampler_accuracy.py`` benchmark; it is public so users can test their own samplers.
@@ -79,6 +84,15 @@ class GaussianMixture:
     m_k = self.means[None] + jnp.einsum('kdj,nkj->nkd', self.eigvecs, gain * resid)
     return jnp.einsum('nk,nkd->nd', resp, m_k)
 
+  def velocity(self, x_t: Array, t: Array | float, schedule: Schedule) -> Array:
+    """The exact marginal velocity ``u(x_t, t)`` [N, D] of ``schedule``'s path (module docstring); ``t`` [N] or []."""
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha_dot_t, sigma_dot_t = schedule.alpha_sigma_dot(t)
+    x0 = self.posterior_mean(x_t, alpha_t, sigma_t)
+    eps = (x_t - alpha_t[:, None] * x0) / sigma_t[:, None]
+    return parameterization.velocity_from_x0_eps(x0, eps, alpha_dot_t, sigma_dot_t)
+
   def sample(self, rng: Array, n: int) -> tuple[Array, Array]:
     """``n`` exact samples [n, D] and their component labels [n]."""
     rng_k, rng_z = jax.random.split(rng)
@@ -122,6 +136,8 @@ class GaussianMixture:
       else:
         x_t, t = x_in, t_in
         alpha_t, sigma_t = schedule.alpha_sigma(t)
+      if prediction in parameterization.RATE_PREDICTIONS:
+        return self.velocity(x_t, t, schedule)
       x0 = self.posterior_mean(x_t, alpha_t, sigma_t)
       eps = (x_t - alpha_t[:, None] * x0) / sigma_t[:, None]
       return parameterization.output_from_x0_eps(prediction, x0, eps, x_t, alpha_t, sigma_t,

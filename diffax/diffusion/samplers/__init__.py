@@ -14,11 +14,13 @@ import warnings
 from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers.ancestral import ancestral_sample
 from diffax.diffusion.samplers.base import Inpaint, SampleOutput, time_grid
+from diffax.diffusion.samplers.consistency import consistency_sample
 from diffax.diffusion.samplers.ddim import ddim_sample
 from diffax.diffusion.samplers.deis import deis_sample, ipndm_sample
 from diffax.diffusion.samplers.dpm_solver import dpm_solver_sample
 from diffax.diffusion.samplers.editing import inpaint, sdedit
 from diffax.diffusion.samplers.edm import edm_heun_sample
+from diffax.diffusion.samplers.flow import flow_euler_sample, flow_heun_sample, flow_sde_sample
 from diffax.diffusion.samplers.ode import adaptive_ode_sample, ode_encode
 from diffax.diffusion.samplers.pc import pc_sample
 from diffax.diffusion.samplers.unipc import unipc_sample
@@ -26,10 +28,14 @@ from diffax.diffusion.samplers.unipc import unipc_sample
 SAMPLERS: dict[str, Callable[..., SampleOutput]] = {
     'ddpm': ancestral_sample,
     'ddim': ddim_sample,
+    'consistency': consistency_sample,
     'pc': pc_sample,
     'edm_heun': edm_heun_sample,
     'adaptive_ode': adaptive_ode_sample,
     'dpm_solver': dpm_solver_sample,
+    'flow_euler': flow_euler_sample,
+    'flow_heun': flow_heun_sample,
+    'flow_sde': flow_sde_sample,
     'unipc': unipc_sample,
     'deis': deis_sample,
     'ipndm': ipndm_sample,
@@ -58,5 +64,6 @@ def get_sampler(name: str) -> Callable[..., SampleOutput]:
 __all__ = [
     'DEPRECATED_NAMES', 'SAMPLERS', 'Denoiser', 'Inpaint', 'SampleOutput', 'adaptive_ode_sample',
     'ancestral_sample', 'canonical_name', 'ddim_sample', 'deis_sample', 'dpm_solver_sample', 'edm_heun_sample',
+    'consistency_sample', 'flow_euler_sample', 'flow_heun_sample', 'flow_sde_sample',
     'get_sampler', 'inpaint', 'ipndm_sample', 'ode_encode', 'pc_sample', 'sdedit', 'time_grid', 'unipc_sample'
 ]
