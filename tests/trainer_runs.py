@@ -31,8 +31,8 @@ def env_with(devices: int = 1, **extra: str) -> dict[str, str]:
 
 
 def run_main(workdir, *overrides: str, mode: str = 'train', devices: int = 1, timeout: float = 600,
-             check: bool = True) -> subprocess.CompletedProcess:
-  proc = subprocess.run(main_command(workdir, *overrides, mode=mode), env=env_with(devices), cwd=REPO,
+             check: bool = True, config: str = DIGITS_TEST) -> subprocess.CompletedProcess:
+  proc = subprocess.run(main_command(workdir, *overrides, mode=mode, config=config), env=env_with(devices), cwd=REPO,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode:
     raise AssertionError(f'main failed ({proc.returncode}):\n{failure_excerpt(proc.stderr)}')

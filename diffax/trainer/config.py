@@ -31,7 +31,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = dict(
-      name='digits',  # 'digits' (bundled with scikit-learn) or any tfds name, e.g. 'cifar10'
+      name='digits',  # 'digits' (bundled with scikit-learn), 'moving_digits', 'tones' or a tfds name, e.g. 'cifar10'
+      feature='',  # tfds feature to read ('' = 'image', else the dataset's one Video / Audio feature)
+      num_frames=0,  # clips: frames per example (0 = the dataset's; moving_digits: 16)
+      length=0,  # waveforms: samples per example (0 = the dataset's; tones: 1024)
+      sample_rate=0,  # waveforms: the rate the model is trained at (0 = the dataset's; tones: 8000)
       data_dir='',  # tfds data_dir; '' = tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
       split='train',
       num_classes=10,  # 0 = unconditional; otherwise labels are the condition (label num_classes is null)
@@ -98,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
   )
   c.sample.kwargs = ml_collections.ConfigDict()
   c.eval = dict(
-      metric='digits',  # 'digits', 'inception' or '' (none)
+      metric='digits',  # 'digits', 'inception', 'moving_digits', 'tones' or '' (none)
       num_samples=50_000,  # for --mode eval
       num_samples_train=2_000,  # for periodic evaluation during training
       batch_size=256,  # global generation batch
@@ -165,13 +169,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'train.nan_policy', ('stop', 'skip'))
   _choice(config, 'sample.sampler', {**samplers.SAMPLERS, **samplers.DEPRECATED_NAMES})
   samplers.canonical_name(config.sample.sampler)  # warns about a deprecated name
-  _choice(config, 'eval.metric', ('digits', 'inception', ''))
+  _choice(config, 'eval.metric', ('digits', 'inception', 'moving_digits', 'tones', ''))
   _positive(config, 'optim.learning_rate', 'optim.grad_accum_steps', 'train.num_steps', 'train.batch_size',
             'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints', 'train.loss_buckets',
             'sample.num_samples', 'eval.batch_size', 'eval.num_samples',
             'eval.num_samples_train', 'mesh.fsdp')
   _positive(config, 'optim.warmup_steps', 'optim.weight_decay', 'optim.grad_clip', 'train.keep_period',
-            'train.sample_every', 'train.eval_every', 'data.num_classes', 'data.worker_count', 'sample.num_steps',
+            'train.sample_every', 'train.eval_every', 'data.num_classes', 'data.worker_count', 'data.num_frames',
+            'data.length', 'data.sample_rate', 'sample.num_steps',
             'diffusion.p_uncond', allow_zero=True)
   if not 0.0 <= config.optim.min_lr_ratio <= 1.0:
     raise ConfigError('optim.min_lr_ratio', f'must lie in [0, 1], got {config.optim.min_lr_ratio}.')

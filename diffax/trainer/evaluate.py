@@ -22,7 +22,7 @@ from clu import metric_writers, periodic_actions
 from diffax.trainer import components, config as config_lib, console, sharding
 from diffax.data.pipeline import make_iterator
 from diffax.diffusion import samplers
-from diffax.evaluation import evaluators, stats
+from diffax.evaluation import evaluators, moving_digits, stats, tones
 from diffax.trainer.experiment import Experiment
 
 
@@ -33,7 +33,15 @@ def make_evaluator(config: ml_collections.ConfigDict) -> evaluators.Evaluator:
   if config.eval.metric == 'inception':
     return evaluators.InceptionEvaluator(weights_path=config.eval.inception_weights or None,
                                          reference_stats=config.eval.reference_stats or None)
-  raise config_lib.ConfigError('eval.metric', 'no metric configured; choose digits or inception.')
+  if config.eval.metric in ('moving_digits', 'tones') and config.data.name != config.eval.metric:
+    raise config_lib.ConfigError('eval.metric', f'{config.eval.metric!r} judges samples of data.name='
+                                 f'{config.eval.metric!r}, not {config.data.name!r}.')
+  if config.eval.metric == 'moving_digits':
+    return moving_digits.MovingDigitsEvaluator(num_frames=config.data.num_frames or 16)
+  if config.eval.metric == 'tones':
+    return tones.TonesEvaluator(length=config.data.length or 1024)
+  raise config_lib.ConfigError('eval.metric', 'no metric configured; choose digits, inception, moving_digits or '
+                               'tones.')
 
 
 def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Evaluator, *, num_samples: int,

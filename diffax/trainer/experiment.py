@@ -13,8 +13,8 @@ import numpy as np
 from etils import epath
 
 from diffax.trainer import checkpoint, components, config as config_lib, console, optim, sharding, train_state
-from diffax.data.pipeline import make_iterator
-from diffax.data.sources import get_source
+from diffax.data.pipeline import data_key, make_iterator
+from diffax.data.sources import SourceConfigError, get_source
 
 
 class Experiment:
@@ -32,14 +32,26 @@ class Experiment:
       section, name = key.split('.')
       if config[section][name] % num_devices:
         raise config_lib.ConfigError(key, f'{config[section][name]} is not divisible by the {num_devices} devices.')
-    self.source = get_source(config.data.name, split=config.data.split, data_dir=config.data.data_dir or None)
+    try:
+      self.source = get_source(config.data.name, split=config.data.split, data_dir=config.data.data_dir or None,
+                               feature=config.data.feature, num_frames=config.data.num_frames,
+                               length=config.data.length, sample_rate=config.data.sample_rate)
+    except SourceConfigError as e:
+      raise config_lib.ConfigError(e.key, e.detail) from e
     record = self.source[0]
-    self.image_shape = tuple(np.asarray(record['image']).shape)  # (H, W, C)
+    self.image_shape = tuple(np.asarray(record[data_key(record)]).shape)  # (H, W, C), (T, H, W, C) or (L, C)
     if config.data.num_classes and not 0 <= int(record['label']) < config.data.num_classes:
       raise config_lib.ConfigError('data.num_classes', f'label {record["label"]} of {config.data.name} is outside '
                                    f'[0, {config.data.num_classes}).')
     self.schedule = components.build_schedule(config)
     self.model = components.build_model(config)
+    rank = len(self.image_shape) - 1
+    if getattr(self.model, 'spatial_dims', 2) != rank:
+      raise config_lib.ConfigError('model.overrides.spatial_dims', f'{config.data.name} has examples of shape '
+                                   f'{self.image_shape} (spatial rank {rank}) but the model takes spatial_dims='
+                                   f'{self.model.spatial_dims}; pick a {rank}-D preset or set spatial_dims={rank}.')
+    if rank != 2:
+      self._check_example_fits_model(rank)
     self.loss_fn = components.build_loss(config, components.apply_fn_of(self.model), self.schedule)
     self.generate = components.build_generate(config, self.model, self.schedule, channels=self.image_shape[-1])
     self.optimizer, self.lr_schedule = optim.make_optimizer(num_steps=config.train.num_steps, **config.optim)
@@ -49,6 +61,16 @@ class Experiment:
                                                 keep_period=config.train.keep_period,
                                                 async_checkpointing=config.train.async_checkpointing)
     self._compiled_generate = {}
+
+  def _check_example_fits_model(self, rank: int) -> None:
+    """A clip length or waveform length the model cannot take (not a multiple of the DiT's tubelet / patch or of
+    the U-Net's downsampling) is a :class:`ConfigError` naming ``data.num_frames`` / ``data.length``."""
+    try:
+      jax.eval_shape(self.init_params, jax.random.PRNGKey(0))
+    except ValueError as e:
+      key = 'data.length' if rank == 1 else 'data.num_frames'
+      raise config_lib.ConfigError(key, f'{self.config.data.name} examples of shape {self.image_shape} do not fit '
+                                   f'{self.config.model.name}/{self.config.model.preset}: {e}') from e
 
   def example_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     x = jnp.zeros((batch_size, *self.image_shape), jnp.float32)

@@ -19,7 +19,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from diffax.trainer import console, evaluate, images, sharding, train_state, train_step
+from diffax.trainer import console, evaluate, images, media, sharding, train_state, train_step
 from diffax.trainer.experiment import Experiment
 
 PEAK_FLOPS = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
@@ -50,10 +50,9 @@ def _write_samples(exp: Experiment, generate, params, step: int, writer) -> np.n
   rng = jax.random.fold_in(jax.random.PRNGKey(exp.config.sample.seed), step)
   samples, _ = generate(params, rng, exp.grid_labels(exp.config.sample.num_samples))
   samples = np.asarray(multihost_utils.process_allgather(samples, tiled=True))
-  grid = images.grid(images.to_uint8(samples), columns=max(exp.config.data.num_classes, 0) or None)
-  writer.write_images(step, {'samples': grid[None]})
-  if jax.process_index() == 0:
-    images.save_png(exp.workdir / 'samples' / f'step_{step:08d}.png', grid, scale=4)
+  media.write_samples(writer, step, samples, directory=exp.workdir / 'samples' if jax.process_index() == 0 else None,
+                      columns=max(exp.config.data.num_classes, 0) or None,
+                      sample_rate=getattr(exp.source, 'sample_rate', 0) or exp.config.data.sample_rate)
   return samples
 
 
