@@ -51,8 +51,10 @@ def np_sincos_2d(h, w, dim):
   return table
 
 
-def np_dit(params, x, t, y, *, patch_size, num_heads):
-  """The reference forward pass (facebookresearch/DiT ``DiT.forward``) in float64 numpy from our parameter tree."""
+def np_dit(params, x, t, y, *, patch_size, num_heads, context=None, mask=None):
+  """The reference forward pass (facebookresearch/DiT ``DiT.forward``) in float64 numpy from our parameter tree;
+  with ``context`` [B, S, D_c] PixArt-alpha's ``PixArtBlock.forward`` (cross-attention after the self-attention,
+  on the caption projection; ``mask`` [B, S] bool drops keys)."""
   P = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   silu = lambda z: z / (1.0 + np.exp(-z))
   gelu = lambda z: 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
@@ -75,20 +77,30 @@ def np_dit(params, x, t, y, *, patch_size, num_heads):
   args = 1000.0 * np.asarray(t, np.float64)[:, None] * freqs[None]
   t_freq = np.concatenate([np.cos(args), np.sin(args)], axis=1)
   c = linear(silu(linear(t_freq, P['t_embed']['dense_0'])), P['t_embed']['dense_1'])
-  c = c + P['y_embed']['table']['embedding'][np.asarray(y)]
+  if y is not None:
+    c = c + P['y_embed']['table']['embedding'][np.asarray(y)]
+  if context is not None:
+    context = linear(gelu(linear(np.asarray(context, np.float64), P['context_embed_in'])), P['context_embed_out'])
+
+  def attend(a, z, kv, keep=None):
+    q = np.einsum('btd,dhe->bthe', z, a['query']['kernel']) + a['query']['bias']
+    k, v = (np.einsum('bsd,dhe->bshe', kv, a[n]['kernel']) + a[n]['bias'] for n in ('key', 'value'))
+    logits = np.einsum('bthe,bshe->bhts', q, k) / math.sqrt(d // num_heads)
+    if keep is not None:
+      logits = np.where(keep[:, None, None, :], logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    o = np.einsum('bhts,bshe->bthe', weights, v)
+    return np.einsum('bthe,hed->btd', o, a['out']['kernel']) + a['out']['bias']
 
   for i in range(len([k for k in P if k.startswith('blocks_')])):
     blk = P[f'blocks_{i}']
     mod = linear(silu(c), blk['adaLN_modulation'])[:, None, :]
     shift1, scale1, gate1, shift2, scale2, gate2 = np.split(mod, 6, axis=-1)
     z = ln(tokens) * (1 + scale1) + shift1
-    a = blk['attn']
-    q, k, v = (np.einsum('btd,dhe->bthe', z, a[n]['kernel']) + a[n]['bias'] for n in ('query', 'key', 'value'))
-    logits = np.einsum('bthe,bshe->bhts', q, k) / math.sqrt(d // num_heads)
-    weights = np.exp(logits - logits.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    o = np.einsum('bhts,bshe->bthe', weights, v)
-    tokens = tokens + gate1 * (np.einsum('bthe,hed->btd', o, a['out']['kernel']) + a['out']['bias'])
+    tokens = tokens + gate1 * attend(blk['attn'], z, z)
+    if context is not None:
+      tokens = tokens + attend(blk['cross_attn'], tokens, context, None if mask is None else np.asarray(mask))
     z = ln(tokens) * (1 + scale2) + shift2
     tokens = tokens + gate2 * linear(gelu(linear(z, blk['mlp_in'])), blk['mlp_out'])
 
@@ -298,3 +310,100 @@ def test_position_embedding_matches_numpy(h, w, dim):
   np.testing.assert_allclose(sincos_pos_embed_2d(h, w, dim), np_sincos_2d(h, w, dim), atol=1e-6)
   with pytest.raises(ValueError, match='divisible by 4'):
     sincos_pos_embed_2d(h, w, dim + 2)
+
+
+# Text conditioning (PixArt-alpha cross-attention): the tiny DiT, unconditional, on a context of S=5 tokens of D_c=12.
+TEXT = {**TINY, 'num_classes': None, 'context_dim': 12}
+CONTEXT_SHAPE = (2, 5, 12)
+
+
+@pytest.fixture(scope='module')
+def text_case():
+  x = jax.random.normal(jax.random.PRNGKey(1), SHAPE)
+  t = jnp.array([0.03, 0.7])
+  context = jax.random.normal(jax.random.PRNGKey(2), CONTEXT_SHAPE)
+  params = nn.unbox(jax.jit(DiT(**TEXT).init)(jax.random.PRNGKey(0), x, t, context))['params']
+  return params, x, t, context
+
+
+@functools.cache
+def text_apply_fn():
+  model = DiT(**TEXT)
+  return jax.jit(lambda params, x, t, cond: model.apply({'params': params}, x, t, cond))
+
+
+def without_text(params):
+  return {k: ({n: p for n, p in v.items() if n != 'cross_attn'} if k.startswith('blocks_') else v)
+          for k, v in params.items() if not k.startswith('context_embed')}
+
+
+def test_text_context_adds_cross_attention_parameters_only(text_case):
+  """context_dim adds, per block, q/k/v/out projections of width D (keys and values read the projected context)
+  and once the caption projection D_c -> D -> D; everything else is the class-free DiT's tree, unchanged."""
+  params, x, t, _ = text_case
+  d, depth, dc = TEXT['hidden_size'], TEXT['depth'], TEXT['context_dim']
+  plain = jax.eval_shape(DiT(**{**TEXT, 'context_dim': None}).init, jax.random.PRNGKey(0), x, t)['params']
+  shapes = lambda tree: jax.tree.map(lambda a: a.shape, nn.unbox(tree))
+  assert shapes(without_text(params)) == shapes(plain)
+  count = lambda tree: sum(a.size for a in jax.tree.leaves(tree))
+  assert count(params) - count(plain) == depth * 4 * (d * d + d) + (dc * d + d) + (d * d + d)
+  for i in range(depth):
+    out = params[f'blocks_{i}']['cross_attn']['out']
+    assert not np.any(out['kernel']) and not np.any(out['bias'])  # PixArt's zero-initialised projection
+
+
+def test_text_dit_matches_numpy_reference(text_case):
+  params, x, t, context = text_case
+  params = perturb(params, 11)
+  out = text_apply_fn()(params, x, t, context)
+  expected = np_dit(params, np.asarray(x), np.asarray(t), None, patch_size=2, num_heads=TEXT['num_heads'],
+                    context=np.asarray(context))
+  assert out.shape == SHAPE[:3] + (2,) and np.abs(out).mean() > 0.1
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  other = text_apply_fn()(params, x, t, context[::-1])  # swap the two examples' contexts
+  assert np.abs(other - out).max() > 1e-3
+
+
+def test_fresh_cross_attention_leaves_the_dit_unchanged(text_case):
+  """With the zero-initialised cross-attention output the text DiT computes what the same weights compute without
+  cross-attention, whatever the context; one context change then matters only through the learnt projection."""
+  params, x, t, context = text_case
+  params = perturb(params, 12)
+  params = {k: ({**v, 'cross_attn': {**v['cross_attn'], 'out': jax.tree.map(jnp.zeros_like, v['cross_attn']['out'])}}
+                if k.startswith('blocks_') else v) for k, v in params.items()}
+  plain = DiT(**{**TEXT, 'context_dim': None}).apply({'params': without_text(params)}, x, t)
+  for c in (context, 3.0 * context[::-1]):
+    np.testing.assert_allclose(text_apply_fn()(params, x, t, c), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_context_mask_drops_the_masked_tokens(text_case):
+  params, x, t, context = text_case
+  params = perturb(params, 13)
+  mask = jnp.array([[True, True, False, False, False], [True, False, True, False, True]])
+  noise = 5.0 * jax.random.normal(jax.random.PRNGKey(3), CONTEXT_SHAPE)
+  out = text_apply_fn()(params, x, t, {'context': context, 'mask': mask})
+  changed = text_apply_fn()(params, x, t, {'context': jnp.where(mask[..., None], context, noise), 'mask': mask})
+  np.testing.assert_allclose(out, changed, rtol=1e-5, atol=1e-6)
+  expected = np_dit(params, np.asarray(x), np.asarray(t), None, patch_size=2, num_heads=TEXT['num_heads'],
+                    context=np.asarray(context), mask=np.asarray(mask))
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  # No kept token: no cross-attention update (the DiT without it on the same weights).
+  none = text_apply_fn()(params, x, t, {'context': context, 'mask': jnp.zeros(CONTEXT_SHAPE[:2], bool)})
+  plain = DiT(**{**TEXT, 'context_dim': None}).apply({'params': without_text(params)}, x, t)
+  np.testing.assert_allclose(none, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_text_context_errors_and_clips(text_case):
+  params, x, t, context = text_case
+  with pytest.raises(ValueError, match='context_dim=12'):
+    text_apply_fn()(params, x, t, context[..., :8])
+  with pytest.raises(ValueError, match='needs context_dim'):
+    DiT(**TINY).apply({'params': params}, x, t, context)
+  labels_and_text = DiT(**{**TEXT, 'num_classes': 10})
+  out = jax.eval_shape(labels_and_text.init_with_output, jax.random.PRNGKey(0), x, t,
+                       {'context': context, 'labels': jnp.zeros((2,), jnp.int32)})[0]
+  assert out.shape == SHAPE[:3] + (2,)
+  clip = jnp.zeros((2, 4, 8, 8, 1))  # factorized blocks repeat the context per frame / per position
+  out = jax.eval_shape(DiT(**DIT_PRESETS['dit3d_tiny'], context_dim=12).init_with_output, jax.random.PRNGKey(0),
+                       clip, t, context)[0]
+  assert out.shape == clip.shape

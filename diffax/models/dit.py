@@ -21,6 +21,17 @@ pixel position plus a 1-D one of their frame (Latte, Ma et al. 2024, sec. 3). Cl
 tokens (space-time patches as in Sora's technical report) or, with ``attention='factorized'``, alternately
 within each frame and across frames at each position (Latte's interleaved variant 1; same parameters).
 
+Text (``context_dim``; PixArt-alpha, Chen et al. 2024, sec. 2.3 and Fig. 4): every block gains a cross-attention
+from the tokens to a context [B, S, D_c] (text-encoder states) between its self-attention and its MLP,
+
+  x = x + CrossAttention(x, y),      y = MLP(context) [B, S, D]     (PixArt's caption projection: Linear-GELU-Linear)
+
+without modulation or gate, while adaLN still takes the noise level (and the label, if any). The cross-attention
+output projection starts at zero (PixArt's ``initialize_weights``), so a freshly initialised text DiT computes
+exactly what the same weights compute without the cross-attention: the context starts to matter as it learns.
+A padding mask (``cond = {'context': [B, S, D_c], 'mask': [B, S] bool}``) removes masked tokens from the keys;
+an example whose mask is all False gets no cross-attention update.
+
 Mixed precision: parameters are float32, matmuls (and the patch convolution) run in ``dtype``; the residual
 stream, the LayerNorms, the modulation arithmetic and the attention softmax stay in float32; the output is float32.
 """
@@ -110,14 +121,25 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
 
 
+def context_bias(mask: Array | None) -> Array | None:
+  """Attention logit bias [B, 1, 1, S] float32 from a key mask [B, S] bool (0 kept, -1e9 masked), or None."""
+  if mask is None:
+    return None
+  return jnp.where(mask[:, None, None, :], 0.0, -1e9).astype(jnp.float32)
+
+
 class DiTBlock(nn.Module):
-  """One adaLN-Zero transformer block: x [B, T, D] float32, c [B, D] float32 -> [B, T, D] float32."""
+  """One adaLN-Zero transformer block: x [B, T, D] float32, c [B, D] float32 -> [B, T, D] float32.
+
+  With ``context`` [B, S, D] (already projected to D) it cross-attends to it after the self-attention (PixArt-alpha;
+  ``context_mask`` [B, S] bool or None drops padding keys; examples with no kept key get no update).
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, c: Array) -> Array:
+  def __call__(self, x: Array, c: Array, context: Array | None = None, context_mask: Array | None = None) -> Array:
     width = x.shape[-1]
     modulation = layers.dense(6 * width, ('embed', 'mlp'), dtype=self.dtype, kernel_init=layers.zeros,
                               name='adaLN_modulation')(nn.silu(c)).astype(jnp.float32)  # [B, 6D]
@@ -128,6 +150,13 @@ class DiTBlock(nn.Module):
                          name='attn')(h)
     x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
 
+    if context is not None:
+      h = layers.Attention(self.num_heads, dtype=self.dtype, kernel_init=xavier_uniform,
+                           out_kernel_init=layers.zeros, name='cross_attn')(x, context, bias=context_bias(context_mask))
+      if context_mask is not None:  # no key kept: the softmax is uniform over masked keys; drop that update
+        h = h * jnp.any(context_mask, axis=-1)[:, None, None].astype(h.dtype)
+      x = x + h.astype(jnp.float32)
+
     h = modulate(layer_norm(x), shift_mlp, scale_mlp)
     h = layers.dense(int(width * self.mlp_ratio), ('embed', 'mlp'), dtype=self.dtype, kernel_init=xavier_uniform,
                      name='mlp_in')(h)
@@ -137,7 +166,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-  """Diffusion Transformer backbone: x [B, H, W, C], t [B], labels [B] or None -> [B, H, W, C_out] float32.
+  """Diffusion Transformer backbone: x [B, H, W, C], t [B], cond (labels [B], a context, or None) -> [B, H, W, C_out].
 
   Attributes:
     patch_size: p; H and W must be multiples of it (T = HW / p^2 tokens); L for sequences.
@@ -151,6 +180,9 @@ class DiT(nn.Module):
     mlp_ratio: MLP hidden width / D.
     num_classes: class-conditional with labels 0 .. num_classes - 1 and the null label ``num_classes``
       (classifier-free guidance; the loss drops labels, the model only holds the extra row); None: unconditional.
+    context_dim: width D_c of a cross-attention context (module docstring; PixArt-alpha): ``cond`` is then a
+      context [B, S, D_c], or ``{'context': [B, S, D_c], 'mask': [B, S] bool}`` (with ``num_classes`` also
+      ``'labels'`` [B]); None: no cross-attention (and no parameters for it).
     learn_sigma: also output the variance interpolation v (Nichol & Dhariwal 2021): C_out = 2 * out_channels,
       the first half the mean prediction.
     out_channels: channels of the prediction (default: the input's C).
@@ -165,6 +197,7 @@ class DiT(nn.Module):
   num_heads: int = 16
   mlp_ratio: float = 4.0
   num_classes: int | None = None
+  context_dim: int | None = None
   learn_sigma: bool = False
   out_channels: int | None = None
   noise_embedding: str = 'sinusoidal'
@@ -175,6 +208,27 @@ class DiT(nn.Module):
   attention: str = 'joint'
   dtype: Any = jnp.float32
   remat: str = 'none'
+
+  def _split_cond(self, cond: Any) -> tuple[Array | None, Array | None, Array | None]:
+    """(labels [B] or None, context [B, S, D_c] or None, mask [B, S] or None) of ``cond``."""
+    if self.context_dim is None:
+      if cond is not None and jnp.ndim(cond) != 1:
+        raise ValueError(f'cond of shape {jnp.shape(cond)} needs context_dim (a context [B, S, D_c]); labels are [B].')
+      return cond, None, None
+    if isinstance(cond, dict):
+      unknown = set(cond) - {'context', 'mask', 'labels'}
+      if unknown or 'context' not in cond:
+        raise ValueError(f"A context dict holds 'context' [B, S, D_c] and optionally 'mask' [B, S] and 'labels' [B]; "
+                         f'got the keys {sorted(cond)}.')
+      labels, context, mask = cond.get('labels'), cond['context'], cond.get('mask')
+    else:
+      labels, context, mask = None, cond, None
+    if context is None or context.ndim != 3 or context.shape[-1] != self.context_dim:
+      raise ValueError(f'context_dim={self.context_dim}: pass a context [B, S, {self.context_dim}]; got '
+                       f'{None if context is None else context.shape}.')
+    if mask is not None and mask.shape != context.shape[:2]:
+      raise ValueError(f'The context mask must be [B, S] = {context.shape[:2]}, got {mask.shape}.')
+    return labels, context, None if mask is None else mask.astype(bool)
 
   def _patch(self) -> tuple[int, ...]:
     p = self.patch_size
@@ -205,9 +259,10 @@ class DiT(nn.Module):
     if any(size % q for size, q in zip(sizes, patch)):
       raise ValueError(f'Input {"x".join(map(str, sizes))} is not a multiple of the patch size '
                        f'{"x".join(map(str, patch))} (model.patch_size, tubelet_size for frames).')
-    if (cond is None) != (self.num_classes is None):
+    labels, context, context_mask = self._split_cond(cond)
+    if (labels is None) != (self.num_classes is None):
       raise ValueError(f'num_classes={self.num_classes} needs labels [B] (the null label is num_classes), an '
-                       f"unconditional model cond=None; got {'None' if cond is None else 'labels'}.")
+                       f"unconditional model no labels; got {'None' if labels is None else 'labels'}.")
     out_channels = (self.out_channels or channels) * (2 if self.learn_sigma else 1)
     grid = tuple(size // q for size, q in zip(sizes, patch))
 
@@ -226,7 +281,12 @@ class DiT(nn.Module):
                               kernel_init=nn.initializers.normal(0.02), name='t_embed')(t)
     c = c.astype(jnp.float32)  # [B, D]
     if self.num_classes is not None:
-      c = c + layers.LabelEmbedding(self.num_classes, self.hidden_size, name='y_embed')(cond).astype(jnp.float32)
+      c = c + layers.LabelEmbedding(self.num_classes, self.hidden_size, name='y_embed')(labels).astype(jnp.float32)
+    if context is not None:  # PixArt's caption projection to the token width
+      context = layers.dense(self.hidden_size, ('embed', 'mlp'), dtype=dtype, kernel_init=xavier_uniform,
+                             name='context_embed_in')(context.astype(dtype))
+      context = layers.dense(self.hidden_size, ('mlp', 'embed'), dtype=dtype, kernel_init=xavier_uniform,
+                             name='context_embed_out')(nn.gelu(context, approximate=True))  # [B, S, D]
 
     block = layers.maybe_remat(DiTBlock, self.remat)
     for i in range(self.depth):
@@ -234,12 +294,13 @@ class DiT(nn.Module):
         frames = tokens.reshape(batch, grid[0], -1, self.hidden_size)
         frames = frames if i % 2 == 0 else frames.transpose(0, 2, 1, 3)
         groups = frames.shape[1]
+        repeat = lambda a: None if a is None else jnp.repeat(a, groups, axis=0)
         out = block(self.num_heads, self.mlp_ratio, dtype, name=f'blocks_{i}')(
-            frames.reshape(batch * groups, -1, self.hidden_size), jnp.repeat(c, groups, axis=0))
+            frames.reshape(batch * groups, -1, self.hidden_size), repeat(c), repeat(context), repeat(context_mask))
         out = out.reshape(frames.shape)
         tokens = (out if i % 2 == 0 else out.transpose(0, 2, 1, 3)).reshape(batch, -1, self.hidden_size)
       else:
-        tokens = block(self.num_heads, self.mlp_ratio, dtype, name=f'blocks_{i}')(tokens, c)
+        tokens = block(self.num_heads, self.mlp_ratio, dtype, name=f'blocks_{i}')(tokens, c, context, context_mask)
       if residuals is not None and i < len(residuals):
         tokens = tokens + residuals[i].astype(jnp.float32)
       block_outputs.append(tokens)
