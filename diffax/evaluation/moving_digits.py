@@ -15,7 +15,9 @@ out and fed to the embedded digits classifier (:mod:`diffax.evaluation.digits`).
     intended label.
 
 Real test clips, like the training ones, come from :class:`diffax.data.moving_digits.MovingDigitsSource`; with
-their 359 clips the distances have a sampling floor (measured in ``tests/test_media_data.py``).
+their 359 clips the distances have a sampling floor: 359 real ``'train'`` clips of 8 frames score ``frame_fd`` 11.0
+and ``temporal_fd`` 0.0014, uniform noise 216 and 4.8, the same clips with their frames shuffled 11.0 and 67
+(``tests/test_media_metrics.py``).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def locate(frames: Array) -> tuple[Array, Array]:
   size = moving_digits.DIGIT
   x = (frames[..., 0] + 1.0) / 2.0
   mass = jnp.maximum(jnp.sum(x, axis=(1, 2)), 1e-6)
-  centre = jnp.stack([jnp.sum(x * jnp.arange(x.shape[1])[None, :, None], axis=(1, 2)),
-                      jnp.sum(x * jnp.arange(x.shape[2])[None, None, :], axis=(1, 2))], axis=-1) / mass[:, None]
-  limit = jnp.asarray(x.shape[1:3]) - size
+  i, j = jnp.arange(x.shape[1], dtype=x.dtype), jnp.arange(x.shape[2], dtype=x.dtype)
+  centre = jnp.stack([jnp.sum(x * i[None, :, None], axis=(1, 2)),
+                      jnp.sum(x * j[None, None, :], axis=(1, 2))], axis=-1) / mass[:, None]
+  limit = jnp.asarray(x.shape[1:3], x.dtype)[None] - size
   corners = jnp.clip(jnp.rint(centre - (size - 1) / 2), 0, limit).astype(jnp.int32)  # [N, 2]
   offsets = jnp.arange(size)
   rows = corners[:, :1] + offsets[None]

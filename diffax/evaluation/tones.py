@@ -35,8 +35,8 @@ def log_spectrogram(audio: Array) -> Array:
   """``log(1e-3 + |STFT|)`` [B, frames, N_FFT / 2 + 1] of waveforms [B, L, 1] (periodic Hann window); jittable."""
   x = audio[..., 0]
   starts = np.arange(0, x.shape[1] - N_FFT + 1, HOP)
-  window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(N_FFT) / N_FFT)
-  frames = x[:, starts[:, None] + np.arange(N_FFT)[None, :]] * window  # [B, frames, N_FFT]
+  window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(N_FFT, dtype=x.dtype) / N_FFT)
+  frames = x[:, starts[:, None] + np.arange(N_FFT)[None, :]] * window[None, None]  # [B, frames, N_FFT]
   return jnp.log(1e-3 + jnp.abs(jnp.fft.rfft(frames, axis=-1)))
 
 
@@ -86,7 +86,8 @@ class TonesEvaluator:
     self.length = length
     x, y = _waveforms('train', length)
     params = TonesMLP().init(jax.random.PRNGKey(SEED), x[:1])['params']
-    self.params = _train(params, jnp.asarray(x), jnp.asarray(y), steps=STEPS)
+    with jax.numpy_dtype_promotion('standard'):  # optax's Adam bias correction computes ``float ** int32``
+      self.params = _train(params, jnp.asarray(x), jnp.asarray(y), steps=STEPS)
     self._fn = jax.jit(lambda a: TonesMLP().apply({'params': self.params}, a))
     x_test, y_test = _waveforms('test', length)
     features, logits = self._fn(jnp.asarray(x_test))
