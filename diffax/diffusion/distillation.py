@@ -136,10 +136,11 @@ def progressive_target(denoiser: parameterization.Denoiser, z_t: Array, t: Array
   return (z_next - ratio * z_t) / (expand_like(alpha_n, z_t) - ratio * expand_like(alpha_t, z_t))
 
 
-def progressive_distillation_loss(apply_fn: ApplyFn, *, teacher: Teacher, num_student_steps: int,
+def progressive_distillation_loss(apply_fn: ApplyFn, *, teacher: Teacher, num_student_steps: int | Array,
                                   prediction: str = 'v', sigma_data: float = 0.5, train: bool = True) -> LossFn:
   """Salimans & Ho 2022, Algorithm 2: a ``num_student_steps``-step student of a ``2 num_student_steps``-step
   teacher, on the teacher's schedule, with the truncated-SNR weight ``max(snr_t, 1)`` on the x0-error.
+  ``num_student_steps`` may be traced (an int32 [] that halves from round to round inside one compiled step).
 
   The student is sampled by DDIM (``eta = 0``, ``spacing='trailing'``) with ``num_student_steps`` steps: its
   grid ``t_max i / N`` is the one it is trained on. ``batch = {'x': [B, ...], 'cond': optional [B]}``.
@@ -147,13 +148,14 @@ def progressive_distillation_loss(apply_fn: ApplyFn, *, teacher: Teacher, num_st
   """
   parameterization.check_prediction(prediction)
   schedule = teacher.schedule
-  n = num_student_steps
+  n_int = jnp.asarray(num_student_steps, jnp.int32)
+  n = n_int.astype(jnp.float32)
 
   def loss_fn(params, batch, rng):
     rng_time, rng_noise, rng_model = jax.random.split(rng, 3)
     x0 = jnp.asarray(batch['x'], jnp.float32)
     cond = batch.get('cond')
-    i = jax.random.randint(rng_time, x0.shape[:1], 1, n + 1).astype(jnp.float32)  # [B]
+    i = jax.random.randint(rng_time, x0.shape[:1], 1, n_int + 1).astype(jnp.float32)  # [B]
     t = schedule.t_max * i / n
     t_mid, t_next = schedule.t_max * (i - 0.5) / n, schedule.t_max * (i - 1.0) / n
     z_t = schedule.marginal(x0, t, jax.random.normal(rng_noise, x0.shape, jnp.float32))

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffax import models
+from diffax.trainer import distill
 from diffax.trainer.config import ConfigError
+from diffax.trainer.objective import Objective
 from diffax.diffusion import losses, parameterization, samplers, schedules
 
 Array = jax.Array
@@ -89,7 +91,23 @@ def build_loss(config: ml_collections.ConfigDict, apply_fn: losses.ApplyFn,
                 cond_dropout=cond_dropout)
   if d.loss != 'hybrid':
     kwargs['weighting'] = losses.Weighting(d.weighting, gamma=d.weighting_gamma or None)
+  if d.loss == 'flow':
+    if schedule.t_max > 1.0:
+      raise ConfigError('diffusion.schedule', f"the flow loss draws t in [0, 1] (SD3's time densities); "
+                        f'{d.schedule!r} runs to t_max = {schedule.t_max}: use rectified_flow, gvp or vp.')
+    kwargs.update(time_sampling=d.time_sampling or 'uniform', loc=d.logit_normal_loc, scale=d.logit_normal_scale,
+                  mode_scale=d.mode_scale, shift=d.time_shift)
   return losses.get_loss(d.loss, apply_fn, **kwargs)
+
+
+def build_objective(config: ml_collections.ConfigDict, apply_fn: losses.ApplyFn, schedule: schedules.Schedule,
+                    loss_fn: losses.LossFn, *, example_shape: tuple[int, ...]) -> Objective:
+  """The run's :class:`Objective`: ``loss_fn`` alone, or the ``distill.method`` objective with its teacher."""
+  if not config.distill.method:
+    return Objective.of_loss(loss_fn)
+  distill.check_teacher(config, example_shape)
+  return distill.build_objective(config, apply_fn, schedule, sigma_data=sigma_data(config, schedule),
+                                 channels=example_shape[-1])
 
 
 def ema_index(config: ml_collections.ConfigDict) -> int:
@@ -152,6 +170,7 @@ def build_generate(config: ml_collections.ConfigDict, model: nn.Module, schedule
     else:
       model_fn = parameterization.classifier_free_guidance(net, cond=labels, null_cond=jnp.full_like(
           labels, num_classes), scale=s.guidance_scale)
-    return sampler(parameterization.Denoiser(model_fn, **denoiser_fields), rng, shape, **kwargs)
+    denoiser = distill.sampling_denoiser(config, parameterization.Denoiser(model_fn, **denoiser_fields))
+    return sampler(denoiser, rng, shape, **kwargs)
 
   return generate

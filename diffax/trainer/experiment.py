@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffax.trainer import checkpoint, components, config as config_lib, console, optim, sharding, train_state
+from diffax.trainer import checkpoint, components, config as config_lib, console, finetune, optim, sharding, train_state
 from diffax.data.pipeline import data_key, make_iterator
 from diffax.data.sources import SourceConfigError, get_source
 
@@ -35,7 +35,8 @@ class Experiment:
     try:
       self.source = get_source(config.data.name, split=config.data.split, data_dir=config.data.data_dir or None,
                                feature=config.data.feature, num_frames=config.data.num_frames,
-                               length=config.data.length, sample_rate=config.data.sample_rate)
+                               length=config.data.length, sample_rate=config.data.sample_rate,
+                               style=config.data.style)
     except SourceConfigError as e:
       raise config_lib.ConfigError(e.key, e.detail) from e
     record = self.source[0]
@@ -52,9 +53,15 @@ class Experiment:
                                    f'{self.model.spatial_dims}; pick a {rank}-D preset or set spatial_dims={rank}.')
     if rank != 2:
       self._check_example_fits_model(rank)
-    self.loss_fn = components.build_loss(config, components.apply_fn_of(self.model), self.schedule)
-    self.generate = components.build_generate(config, self.model, self.schedule, channels=self.image_shape[-1])
+    self.tuning = finetune.from_config(config, self)  # fine-tuning hooks (identity for a run from scratch)
+    self.loss_fn = self.tuning.loss_fn(components.build_loss(
+        config, self.tuning.apply_fn(components.apply_fn_of(self.model)), self.schedule))
+    self.objective = components.build_objective(config, components.apply_fn_of(self.model), self.schedule,
+                                                self.loss_fn, example_shape=self.image_shape)
+    self.generate = self.tuning.generate(components.build_generate(config, self.model, self.schedule,
+                                                                   channels=self.image_shape[-1]))
     self.optimizer, self.lr_schedule = optim.make_optimizer(num_steps=config.train.num_steps, **config.optim)
+    self.optimizer = self.tuning.freeze(self.optimizer)
     self.abstract_state, self.state_shardings = train_state.abstract_state(
         self.init_params, self.optimizer, mesh=self.mesh, rules=config.mesh.rules, **self._create_kwargs())
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', keep=config.train.keep_checkpoints,
@@ -66,7 +73,7 @@ class Experiment:
     """A clip length or waveform length the model cannot take (not a multiple of the DiT's tubelet / patch or of
     the U-Net's downsampling) is a :class:`ConfigError` naming ``data.num_frames`` / ``data.length``."""
     try:
-      jax.eval_shape(self.init_params, jax.random.PRNGKey(0))
+      jax.eval_shape(self.init_backbone, jax.random.PRNGKey(0))
     except ValueError as e:
       key = 'data.length' if rank == 1 else 'data.num_frames'
       raise config_lib.ConfigError(key, f'{self.config.data.name} examples of shape {self.image_shape} do not fit '
@@ -84,13 +91,17 @@ class Experiment:
     batch = {'x': jax.ShapeDtypeStruct((b, *self.image_shape), jnp.float32, sharding=batch_sharding)}
     if self.config.data.num_classes:
       batch['cond'] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)
-    return batch
+    return self.tuning.abstract_batch(batch)
 
-  def init_params(self, rng: jax.Array) -> Any:
+  def init_backbone(self, rng: jax.Array) -> Any:
     return self.model.init({'params': rng}, *self.example_inputs(), train=False)['params']
 
+  def init_params(self, rng: jax.Array) -> Any:
+    return self.tuning.init_params(rng, self.init_backbone)
+
   def _create_kwargs(self) -> dict[str, Any]:
-    return dict(seed=self.config.seed, num_ema=len(self.config.train.ema_decays))
+    return dict(seed=self.config.seed, num_ema=len(self.config.train.ema_decays),
+                frozen_like=self.objective.frozen_like)
 
   def restore_or_init(self, data_iterator=None, *, step: int | None = None) -> train_state.TrainState:
     state = self.checkpointer.restore(self.abstract_state, data_iterator, step=step)
@@ -98,17 +109,18 @@ class Experiment:
       console.say(f'Resumed from step {int(state.step)} in {self.checkpointer.directory}.',
                   enabled=jax.process_index() == 0)
       return state
-    return train_state.create(self.init_params, self.optimizer, shardings=self.state_shardings,
-                              **self._create_kwargs())
+    return self.tuning.start(train_state.create(self.init_params, self.optimizer, shardings=self.state_shardings,
+                                                initial=self.objective.initial, **self._create_kwargs()))
 
   def data_iterator(self):
     c = self.config
-    return make_iterator(self.source, global_batch_size=c.train.batch_size, seed=c.seed, shuffle=True,
-                         random_flip=c.data.random_flip, dequantize=c.data.dequantize, worker_count=c.data.worker_count)
+    return make_iterator(self.tuning.train_source(self), global_batch_size=c.train.batch_size, seed=c.seed,
+                         shuffle=True, random_flip=c.data.random_flip, dequantize=c.data.dequantize,
+                         worker_count=c.data.worker_count)
 
   def model_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What the loss sees: ``{'x', 'cond'}``, or only ``{'x'}`` for an unconditional model."""
-    return host_batch if self.config.data.num_classes else {'x': host_batch['x']}
+    return self.tuning.model_batch(host_batch if self.config.data.num_classes else {'x': host_batch['x']})
 
   def sample_params(self, state: train_state.TrainState) -> Any:
     return state.ema_params[components.ema_index(self.config)]

@@ -8,6 +8,7 @@ non-finite step leaves the state unchanged (:func:`train_step.make_train_step`).
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -59,7 +60,7 @@ def _write_samples(exp: Experiment, generate, params, step: int, writer) -> np.n
 def compile_train_step(exp: Experiment) -> Any:
   """The train step jitted with explicit shardings and the state donated, compiled from abstract shapes."""
   c = exp.config.train
-  step_fn = train_step.make_train_step(exp.loss_fn, exp.optimizer, ema_decays=tuple(c.ema_decays),
+  step_fn = train_step.make_train_step(exp.objective, exp.optimizer, ema_decays=tuple(c.ema_decays),
                                        ema_warmup=c.ema_warmup,
                                        edges=train_step.log_snr_edges(exp.schedule, c.loss_buckets))
   jitted = jax.jit(step_fn, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
@@ -96,9 +97,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   iterator = exp.data_iterator()
   state = exp.restore_or_init(iterator)
   start = int(state.step)
+  lead = jax.process_index() == 0
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
-  lead = jax.process_index() == 0
+    if lead:
+      _write_run_record(exp)
   t0 = time.perf_counter()
   compiled = compile_train_step(exp)
   generate = exp.generate_fn(config.sample.num_samples)
@@ -121,6 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     stop = preempted.signalled or exp.checkpointer.reached_preemption(step)
     if step % c.checkpoint_every == 0 or step == c.num_steps or stop:
       exp.checkpointer.save(step, state, iterator)
+      exp.tuning.save(exp, step, state)  # what a fine-tuning run keeps on its own (LoRA adapters)
     if c.sample_every and step % c.sample_every == 0 and step != c.num_steps:
       _write_samples(exp, generate, exp.sample_params(state), step, writer)
     if c.eval_every and step % c.eval_every == 0:
@@ -143,6 +147,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   if lead:
     _summary(exp, int(state.step), eval_path, time.perf_counter() - t0)
   return state
+
+
+def _write_run_record(exp: Experiment) -> None:
+  """``workdir/run.json``: the config and example shape this run trained with, read by runs that use it as a
+  teacher or base (:func:`diffax.trainer.distill.check_teacher`)."""
+  record = {'config': json.loads(exp.config.to_json_best_effort()), 'example_shape': list(exp.image_shape)}
+  (exp.workdir / 'run.json').write_text(json.dumps(record, indent=2))
 
 
 def _summary(exp: Experiment, step: int, eval_path: str | None, seconds: float) -> None:

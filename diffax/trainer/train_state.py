@@ -1,7 +1,7 @@
 """The one training-state pytree and its sharded creation (the step that advances it: :mod:`train_step`).
 
-``TrainState(step, params, ema_params, opt_state, rng)`` holds everything a resumed run needs besides the
-data position. Creation is abstract first (nanodo / big_vision): ``jax.eval_shape`` of the init gives the
+``TrainState(step, params, ema_params, opt_state, rng, frozen)`` holds everything a resumed run needs besides
+the data position; ``frozen`` holds networks the loss reads but never trains (:mod:`diffax.trainer.objective`). Creation is abstract first (nanodo / big_vision): ``jax.eval_shape`` of the init gives the
 logical axis names of every parameter and optimizer moment, :func:`sharding.tree_shardings` turns them into
 shardings, and the real init is jitted with those ``out_shardings`` so no device ever holds a full copy of a
 sharded model.
@@ -24,28 +24,32 @@ Array = jax.Array
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """``step`` [] int32 (train steps = micro-batches); ``ema_params``: one copy per decay; ``rng``: uint32 [2]."""
+  """``step`` [] int32 (train steps = micro-batches); ``ema_params``: one copy per decay; ``rng``: uint32 [2];
+  ``frozen``: the objective's frozen networks (``{}`` for a plain diffusion run)."""
   step: Array
   params: Any
   ema_params: tuple[Any, ...]
   opt_state: Any
   rng: Array
+  frozen: Any
 
 
-def _init_fn(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation,
-             num_ema: int) -> Callable[[Array], TrainState]:
+def _init_fn(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation, num_ema: int,
+             frozen_like: Callable[[Any], Any] | None) -> Callable[[Array], TrainState]:
 
   def init(seed_key):
     rng_params, rng_train = jax.random.split(seed_key)
     params = init_params(rng_params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=(params,) * num_ema,
-                      opt_state=optimizer.init(params), rng=rng_train)
+                      opt_state=optimizer.init(params), rng=rng_train,
+                      frozen={} if frozen_like is None else frozen_like(params))
 
   return init
 
 
 def abstract_state(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation, *, seed: int,
-                   num_ema: int, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, str]]) -> tuple[TrainState, Any]:
+                   num_ema: int, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, str]],
+                   frozen_like: Callable[[Any], Any] | None = None) -> tuple[TrainState, Any]:
   """``(abstract_state, shardings)``: ShapeDtypeStructs carrying their shardings, computed without allocating.
 
   Args:
@@ -54,8 +58,10 @@ def abstract_state(init_params: Callable[[Array], Any], optimizer: optax.Gradien
     seed: the run's seed; parameters and the training rng stream are derived from it.
     num_ema: number of EMA copies (one per decay), initialised to the parameters.
     mesh, rules: see :func:`sharding.tree_shardings`.
+    frozen_like: ``params -> frozen`` (boxed parameters in, so frozen copies keep their logical axis names);
+      ``None`` = no frozen networks (``{}``).
   """
-  boxed = jax.eval_shape(_init_fn(init_params, optimizer, num_ema), jax.random.PRNGKey(seed))
+  boxed = jax.eval_shape(_init_fn(init_params, optimizer, num_ema, frozen_like), jax.random.PRNGKey(seed))
   shardings = sharding.tree_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
                           shardings)
@@ -63,7 +69,23 @@ def abstract_state(init_params: Callable[[Array], Any], optimizer: optax.Gradien
 
 
 def create(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation, *, seed: int,
-           num_ema: int, shardings: Any) -> TrainState:
-  """The initial state, initialised directly into ``shardings`` (from :func:`abstract_state`)."""
-  init = _init_fn(init_params, optimizer, num_ema)
-  return jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(jax.random.PRNGKey(seed))
+           num_ema: int, shardings: Any, frozen_like: Callable[[Any], Any] | None = None,
+           initial: Callable[[Any], tuple[Any, Any]] | None = None) -> TrainState:
+  """The initial state, initialised directly into ``shardings`` (from :func:`abstract_state`).
+
+  ``initial(abstract_params) -> (params, frozen)`` (host arrays, e.g. read from another run's checkpoint) replaces
+  the random parameters, their EMA copies and the frozen tree; each process places only its own shards.
+  """
+  init = _init_fn(init_params, optimizer, num_ema, frozen_like)
+  state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(jax.random.PRNGKey(seed))
+  if initial is None:
+    return state
+  params, frozen = initial(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params))
+  params = _place(params, state.params)
+  return state.replace(params=params, ema_params=(params,) * num_ema, frozen=_place(frozen, state.frozen))
+
+
+def _place(host_tree: Any, like: Any) -> Any:
+  """``host_tree`` (numpy) as global arrays with the shardings and dtypes of ``like`` (multi-host safe)."""
+  return jax.tree.map(lambda h, x: jax.make_array_from_callback(
+      x.shape, x.sharding, lambda index: jnp.asarray(h[index], x.dtype)), host_tree, like)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from diffax.diffusion.schedules import Schedule
+from diffax.trainer.objective import Objective
 from diffax.trainer.train_state import TrainState
 
 Array = jax.Array
@@ -40,9 +41,12 @@ def log_snr_edges(schedule: Schedule, num_buckets: int) -> Array:
   return jnp.linspace(hi, lo, num_buckets + 1)
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, ema_decays: Sequence[float],
+def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *, ema_decays: Sequence[float],
                     ema_warmup: bool, edges: Array) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """``train_step(state, batch) -> (state, metrics)``; jit it once with shardings and ``donate_argnums=0``.
+
+  The loss is ``objective.loss_at(state.step, state.frozen, state.ema_params)``; the frozen tree is updated
+  after the step by ``objective.update_frozen`` (when set).
 
   The step's rng is ``fold_in(state.rng, state.step)``, so a resumed run draws exactly the noise an
   uninterrupted one would. A non-finite loss or gradient leaves params, EMA and optimizer state unchanged
@@ -53,6 +57,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
   def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
+    loss_fn = objective.loss_at(state.step, state.frozen, state.ema_params)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -64,9 +69,12 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
                      ema, params) for decay, ema in zip(ema_decays, state.ema_params))
     ema_params = jax.tree.map(lambda new, old: jnp.where(applied, new, old), ema_params, state.ema_params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              ema_params=keep(ema_params, state.ema_params),
-                              opt_state=keep(opt_state, state.opt_state))
+    params, ema_params = keep(params, state.params), keep(ema_params, state.ema_params)
+    frozen = state.frozen
+    if objective.update_frozen is not None:
+      frozen = keep(objective.update_frozen(state.step + 1, params, frozen), frozen)
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                              opt_state=keep(opt_state, state.opt_state), frozen=frozen)
     bucket_sums, bucket_counts = _bucket_stats(aux['loss'], aux['log_snr'], edges)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite.astype(jnp.int32),
                'loss_bucket_sums': bucket_sums, 'loss_bucket_counts': bucket_counts}
