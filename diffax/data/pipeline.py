@@ -15,7 +15,8 @@ Images become ``x`` float32 [b, H, W, C] in [-1, 1]:
   x = 2 (u + n) / 256 - 1,   n ~ U[0, 1)         (uniform dequantisation, Theis et al. 2016, "A note on the
                                                   evaluation of generative models", sec. 3.1)
 
-with ``u`` the uint8 pixels, and labels ``cond`` int32 [b]. Clips (records with ``'video'`` uint8 [T, H, W, C])
+with ``u`` the uint8 pixels, and labels ``cond`` int32 [b] (captioned records, :mod:`diffax.data.captions`: their
+caption's token ids ``cond`` int32 [b, L] instead). Clips (records with ``'video'`` uint8 [T, H, W, C])
 are scaled the same way into ``x`` [b, T, H, W, C] (a flip mirrors every frame); waveforms (``'audio'`` float32
 [L, C] in [-1, 1]) pass unchanged into ``x`` [b, L, C] (no flips, no dequantisation).
 
@@ -50,10 +51,11 @@ def data_key(record: dict) -> str:
 
 def _preprocess(record: dict, rng: np.random.Generator, *, random_flip: bool, dequantize: bool) -> Batch:
   """One record ``{'image': uint8 [H, W, C], 'label'}`` -> ``{'x': float32 [H, W, C], 'cond': int32 []}``
-  (clips and waveforms alike, see the module docstring)."""
+  (clips and waveforms alike, see the module docstring; ``'tokens'`` [L], where a record has them, is ``cond``)."""
   key = data_key(record)
+  cond = np.asarray(record['tokens'] if 'tokens' in record else record['label'], np.int32)
   if key == 'audio':
-    return {'x': np.asarray(record['audio'], np.float32), 'cond': np.int32(record['label'])}
+    return {'x': np.asarray(record['audio'], np.float32), 'cond': cond}
   u = record[key]
   if random_flip and rng.random() < 0.5:
     u = u[..., ::-1, :]  # the width axis of [H, W, C] and [T, H, W, C]
@@ -61,7 +63,7 @@ def _preprocess(record: dict, rng: np.random.Generator, *, random_flip: bool, de
     x = (u.astype(np.float32) + rng.random(u.shape, dtype=np.float32)) * np.float32(2 / 256) - 1
   else:
     x = u.astype(np.float32) / np.float32(127.5) - 1
-  return {'x': x, 'cond': np.int32(record['label'])}
+  return {'x': x, 'cond': cond}
 
 
 def make_iterator(source: Source, *, global_batch_size: int, seed: int, shuffle: bool = True,

@@ -70,12 +70,13 @@ class DigitsSource:
 
   Args:
     split: ``'train'``, ``'test'`` or ``'all'``.
+    style: one of :data:`diffax.data.digits.STYLES` (``'bold'``, ``'inverted'``; ``''``: as scanned).
   """
 
   num_classes = digits.NUM_CLASSES
 
-  def __init__(self, split: str):
-    self._images, self._labels = digits.load_digits(split)
+  def __init__(self, split: str, style: str = ''):
+    self._images, self._labels = digits.load_digits(split, style)
     self.image_shape = tuple(self._images.shape[1:])
 
   def __len__(self) -> int:
@@ -158,8 +159,9 @@ def _not_prepared_error(name: str, data_dir: str | None) -> DatasetNotPreparedEr
 
 
 def get_source(name: str, *, split: str, data_dir: str | None = None, feature: str = '', num_frames: int = 0,
-               length: int = 0, sample_rate: int = 0) -> Source:
-  """Returns the source named ``name``: embedded (``'digits'``, ``'moving_digits'``, ``'tones'``) or TFDS.
+               length: int = 0, sample_rate: int = 0, style: str = '') -> Source:
+  """Returns the source named ``name``: embedded (``'digits'``, ``'digits_captions'``, ``'moving_digits'``,
+  ``'tones'``) or TFDS.
 
   A TFDS dataset is read as images, clips or waveforms by the type of its ``feature``
   (:class:`TfdsSource` for an ``Image``; :class:`diffax.data.tfds_media.TfdsMediaSource` for a ``Video`` or an
@@ -175,19 +177,26 @@ def get_source(name: str, *, split: str, data_dir: str | None = None, feature: s
     length: samples per waveform (0 = the dataset's; tones: 1024).
     sample_rate: the sample rate the model expects (0 = the dataset's; tones: 8000); a TFDS dataset recorded at
       another rate is an error.
+    style: (digits) a new look of the digits, one of :data:`diffax.data.digits.STYLES`.
   """
-  from diffax.data import moving_digits, tfds_media, tones  # pylint: disable=g-import-not-at-top
+  from diffax.data import captions, moving_digits, tfds_media, tones  # pylint: disable=g-import-not-at-top
 
   given = {'data.feature': feature, 'data.num_frames': num_frames, 'data.length': length,
-           'data.sample_rate': sample_rate}
-  takes = {'digits': (), 'moving_digits': ('data.num_frames',), 'tones': ('data.length', 'data.sample_rate')}
+           'data.sample_rate': sample_rate, 'data.style': style}
+  takes = {'digits': ('data.style',), 'digits_captions': (), 'moving_digits': ('data.num_frames',), 'tones': ('data.length', 'data.sample_rate')}
   for key, value in given.items():
     if name in takes and value and key not in takes[name]:
       raise SourceConfigError(key, f'the embedded {name!r} set takes no {key.split(".")[1]} (it takes '
-                              f'{list(takes[name]) or "none of data.feature / num_frames / length / sample_rate"}); '
+                              f'{list(takes[name])}); '
                               'leave it at its default.')
+  if name not in takes and style:
+    raise SourceConfigError('data.style', f'styles are made from the embedded digits only, not {name!r}.')
   if name == 'digits':
-    return DigitsSource(split)
+    if style not in digits.STYLES:
+      raise SourceConfigError('data.style', f'{style!r} is not one of {digits.STYLES}.')
+    return DigitsSource(split, style)
+  if name == 'digits_captions':
+    return captions.CaptionedDigitsSource(split)
   if name == 'moving_digits':
     return moving_digits.MovingDigitsSource(split, num_frames=num_frames or 16)
   if name == 'tones':
