@@ -109,11 +109,11 @@ def test_subtree_finetune_trains_only_the_named_parameters(base_workdir):
 def test_bad_bases_and_patterns_are_named_errors(base_workdir, tmp_path):
   config = trainer_runs.load_test_config()
   inputs = (jnp.zeros((1, 8, 8, 1)), jnp.ones((1,)), jnp.zeros((1,), jnp.int32))
-  with pytest.raises(restore.RestoreError, match='finetune.base_workdir.*has no checkpoint'):
+  with pytest.raises(config_lib.ConfigError, match='finetune.base_workdir.*has no checkpoint'):
     finetune.FineTuning(components.build_model(config), inputs, mode='full', base_workdir=str(tmp_path)).start(None)
   config.model.name, config.model.preset = 'dit', 'dit_tiny'
   dit = finetune.FineTuning(components.build_model(config), inputs, mode='full', base_workdir=str(base_workdir))
-  with pytest.raises(restore.RestoreError, match='finetune.base_workdir.*another architecture.*blocks_0'):
+  with pytest.raises(config_lib.ConfigError, match='finetune.base_workdir.*another architecture.*blocks_0'):
     dit.start(None)
   missing_target = r"finetune.lora_targets.*'nothing_\.\*' matches no.*blocks_0/attn/query"
   with pytest.raises(config_lib.ConfigError, match=missing_target):
