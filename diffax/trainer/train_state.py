@@ -81,11 +81,13 @@ def create(init_params: Callable[[Array], Any], optimizer: optax.GradientTransfo
   if initial is None:
     return state
   params, frozen = initial(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params))
-  params = _place(params, state.params)
-  return state.replace(params=params, ema_params=(params,) * num_ema, frozen=_place(frozen, state.frozen))
+  return state.replace(params=_place(params, state.params),
+                       ema_params=tuple(_place(params, ema) for ema in state.ema_params),
+                       frozen=_place(frozen, state.frozen))
 
 
 def _place(host_tree: Any, like: Any) -> Any:
-  """``host_tree`` (numpy) as global arrays with the shardings and dtypes of ``like`` (multi-host safe)."""
+  """``host_tree`` (numpy) as new global arrays with the shardings and dtypes of ``like`` (multi-host safe); each
+  call makes its own buffers, so copies placed from one host tree can all be donated."""
   return jax.tree.map(lambda h, x: jax.make_array_from_callback(
       x.shape, x.sharding, lambda index: jnp.asarray(h[index], x.dtype)), host_tree, like)
