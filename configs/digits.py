@@ -58,7 +58,17 @@ def get_config(arg: str | None = None):
   c.eval.num_samples = 1000
   c.eval.num_samples_train = 1000
   c.eval.batch_size = 100  # = sample.num_samples: one compiled sampler serves the grid and the evaluation
-  if arg == 'runlocal':
+  variant = (arg or '').split(',')
+  if set(variant) - {'', 'flow', 'runlocal'}:
+    raise ValueError(f'Unknown digits variant {arg!r}; combine flow and runlocal, e.g. "flow,runlocal".')
+  if 'flow' in variant:
+    c.diffusion.schedule = 'rectified_flow'
+    c.diffusion.prediction = 'velocity'
+    c.diffusion.loss = 'flow'
+    c.diffusion.weighting = 'velocity'
+    c.diffusion.time_sampling = 'uniform'
+    c.sample.sampler = 'flow_euler'
+  if 'runlocal' in variant:
     c.train.num_steps = 6
     c.train.batch_size = 16
     c.train.log_every = 2

@@ -24,6 +24,8 @@ def load(name: str, arg: str | None = None):
     ('cifar10_edm', None, (32, 32, 3), 61.8),  # DDPM++ (Karras et al. 2022, table 7)
     ('imagenet64', None, (64, 64, 3), 295.9),  # ADM ImageNet-64 with learned sigma
     ('imagenet64', 'dit', (64, 64, 3), 130.8),  # DiT-B/4, pixel space: wider patch embed/decoder than latents
+    ('imagenet64', 'sit', (64, 64, 3), 130.3),  # SiT-B/2 = DiT-B/2 (SiT sec. 3; DiT table 4), no sigma channels
+    ('digits', 'flow', (8, 8, 1), None),
     ('digits', None, (8, 8, 1), None),
 ])
 def test_configs_validate_and_build_their_models(name, arg, shape, params_m):
