@@ -5,7 +5,8 @@ A sampler takes a :class:`~diffax.diffusion.parameterization.Denoiser` (model, s
 optional clipping), e.g. ``ddim_sample(Denoiser(model_fn, schedule, 'v'), rng, shape, num_steps=20)``. Every
 sampler runs its whole loop inside ``jax.lax`` (one compiled program), reports its model evaluations, accepts a
 given ``x_T``, ``t_start`` (SDEdit), ``inpaint`` and ``return_trajectory``. See ``base`` for the shared
-conventions.
+conventions. A grid sampler's ``spacing`` is a name, the times themselves or a grid file (``save_grid``,
+``load_grid``), e.g. one that ``optimize_grid`` fitted to a model and a number of steps.
 """
 
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import warnings
 
 from diffax.diffusion.parameterization import Denoiser
 from diffax.diffusion.samplers.ancestral import ancestral_sample
-from diffax.diffusion.samplers.base import Inpaint, SampleOutput, time_grid
+from diffax.diffusion.samplers.base import Inpaint, SampleOutput, check_grid, time_grid
 from diffax.diffusion.samplers.consistency import consistency_sample
 from diffax.diffusion.samplers.ddim import ddim_sample
 from diffax.diffusion.samplers.deis import deis_sample, ipndm_sample
@@ -21,6 +22,8 @@ from diffax.diffusion.samplers.dpm_solver import dpm_solver_sample
 from diffax.diffusion.samplers.editing import inpaint, sdedit
 from diffax.diffusion.samplers.edm import edm_heun_sample
 from diffax.diffusion.samplers.flow import flow_euler_sample, flow_heun_sample, flow_sde_sample
+from diffax.diffusion.samplers.grid_file import GridFileError, is_grid_path, load_grid, save_grid
+from diffax.diffusion.samplers.grid_search import optimize_grid
 from diffax.diffusion.samplers.ode import adaptive_ode_sample, ode_encode
 from diffax.diffusion.samplers.pc import pc_sample
 from diffax.diffusion.samplers.unipc import unipc_sample
@@ -62,8 +65,9 @@ def get_sampler(name: str) -> Callable[..., SampleOutput]:
 
 
 __all__ = [
-    'DEPRECATED_NAMES', 'SAMPLERS', 'Denoiser', 'Inpaint', 'SampleOutput', 'adaptive_ode_sample',
-    'ancestral_sample', 'canonical_name', 'ddim_sample', 'deis_sample', 'dpm_solver_sample', 'edm_heun_sample',
-    'consistency_sample', 'flow_euler_sample', 'flow_heun_sample', 'flow_sde_sample',
-    'get_sampler', 'inpaint', 'ipndm_sample', 'ode_encode', 'pc_sample', 'sdedit', 'time_grid', 'unipc_sample'
+    'DEPRECATED_NAMES', 'SAMPLERS', 'Denoiser', 'GridFileError', 'Inpaint', 'SampleOutput', 'adaptive_ode_sample',
+    'ancestral_sample', 'canonical_name', 'check_grid', 'ddim_sample', 'deis_sample', 'dpm_solver_sample',
+    'edm_heun_sample', 'consistency_sample', 'flow_euler_sample', 'flow_heun_sample', 'flow_sde_sample',
+    'get_sampler', 'inpaint', 'ipndm_sample', 'is_grid_path', 'load_grid', 'ode_encode', 'optimize_grid',
+    'pc_sample', 'save_grid', 'sdedit', 'time_grid', 'unipc_sample'
 ]

@@ -45,7 +45,7 @@ DEFAULT_CONTINUOUS_STEPS = 1000
 
 
 def ancestral_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int | None = None,
-                     variance: str = 'posterior', spacing: str = 'trailing', t_start: float | None = None,
+                     variance: str = 'posterior', spacing: base.Spacing = 'trailing', t_start: float | None = None,
                      x_T: Array | None = None, inpaint: base.Inpaint | None = None,
                      return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with ancestral DDPM; ``num_steps`` model evaluations.

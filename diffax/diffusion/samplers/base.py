@@ -21,17 +21,22 @@ parameterisation, optional clipping), an rng and a shape, and otherwise only its
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import os
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffax.diffusion.samplers import grid_file
 from diffax.diffusion.schedules import EDM, DiscreteSchedule, Schedule, expand_like
 
 Array = jax.Array
 SPACINGS = ('trailing', 'leading', 'linspace', 'log_snr', 'karras')
 CONVENTIONS = ('ddim', 'multistep')
+Spacing = str | os.PathLike | Sequence[float] | np.ndarray | Array
+"""A named spacing of ``SPACINGS``, the path of a grid file (``*.json``, :mod:`grid_file`) or the times
+[num_steps + 1] themselves (:func:`given_grid`)."""
 
 
 @flax.struct.dataclass
@@ -65,7 +70,55 @@ def alpha_sigma_clean(schedule: Schedule, t: Array) -> tuple[Array, Array]:
   return jnp.where(clean, 1.0, alpha_t), jnp.where(clean, 0.0, sigma_t)
 
 
-def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, t_start: float | None = None,
+def is_given(spacing: Spacing) -> bool:
+  """Whether ``spacing`` is a grid given as data (a grid file's path or the times) rather than a name."""
+  return not isinstance(spacing, str) or grid_file.is_grid_path(spacing)
+
+
+def check_grid(times, num_steps: int, *, ends_at_zero: bool, t_start: float | None = None) -> np.ndarray:
+  """``times`` (float64 [num_steps + 1]) if they are a grid (:func:`grid_file.check_times`) for a sampler of
+  ``num_steps`` steps whose last step goes to ``t = 0`` (``ends_at_zero``) or stops at a time ``> 0``
+  (``denoise_to_zero=False``), starting at ``t_start`` where one is given; else a ``ValueError`` saying what to set.
+  """
+  ts = grid_file.check_times(times)
+  if ts.shape[0] != num_steps + 1:
+    raise ValueError(f'the grid holds {ts.shape[0]} times, i.e. {ts.shape[0] - 1} steps, but num_steps={num_steps}; '
+                     f'set num_steps={ts.shape[0] - 1}.')
+  if ends_at_zero and ts[-1] != 0:
+    raise ValueError(f'the grid ends {grid_file.describe_end(ts[-1])} but the sampler\'s last step goes to t = 0 '
+                     '(denoise_to_zero=True where the sampler has it); set denoise_to_zero=False or end the grid '
+                     'with 0.')
+  if not ends_at_zero and ts[-1] == 0:
+    raise ValueError('the grid ends at t = 0 (the jump to the x0-prediction) but the sampler runs with '
+                     'denoise_to_zero=False; set denoise_to_zero=True or end the grid at t_min.')
+  if t_start is not None and not np.isclose(t_start, ts[0], rtol=1e-6, atol=0.0):
+    raise ValueError(f't_start={t_start} differs from the grid\'s first time {ts[0]}; a grid given as data '
+                     'sets its own start (leave t_start unset or make it the first time).')
+  return ts
+
+
+def given_grid(schedule: Schedule, spacing: Spacing, num_steps: int, *, ends_at_zero: bool,
+               t_start: float | None = None) -> Array:
+  """The grid [num_steps + 1] given as data: the times of a grid file (``spacing`` a ``*.json`` path,
+  :func:`grid_file.load_grid`) or ``spacing`` itself, checked by :func:`check_grid` and against the schedule's
+  ``[t_min, t_max]`` (a final 0 aside). Traced times (a grid being optimised, :mod:`grid_search`) are checked
+  for their shape only.
+  """
+  times = grid_file.load_grid(spacing) if grid_file.is_grid_path(spacing) else spacing
+  if isinstance(times, jax.core.Tracer):
+    if times.shape != (num_steps + 1,):
+      raise ValueError(f'a grid of {num_steps} steps has shape ({num_steps + 1},), got {times.shape}.')
+    return jnp.asarray(times, jnp.float32)
+  ts = check_grid(times, num_steps, ends_at_zero=ends_at_zero, t_start=t_start)
+  inner = ts[:-1] if ts[-1] == 0 else ts
+  lo, hi = np.float32(schedule.t_min), np.float32(schedule.t_max)
+  if np.any(inner < lo * (1 - 1e-6)) or np.any(inner > hi * (1 + 1e-6)):
+    raise ValueError(f'grid times {ts.tolist()} leave the schedule\'s [t_min, t_max] = [{schedule.t_min}, '
+                     f'{schedule.t_max}] (only a final 0, the clean sentinel, may lie below t_min).')
+  return jnp.asarray(ts, jnp.float32)
+
+
+def time_grid(schedule: Schedule, num_steps: int, spacing: Spacing = 'trailing', *, t_start: float | None = None,
               t_end: float | None = None, rho: float | None = None, convention: str = 'ddim') -> Array:
   """Descending model-evaluation times [num_steps] followed by the clean sentinel 0: [num_steps + 1].
 
@@ -90,9 +143,15 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: str = 'trailing', *, 
     * ``'log_snr'``: uniform in log-SNR between ``t_start`` and ``t_end`` (DPM-Solver, Lu et al. 2022).
     * ``'karras'``: EDM eq. 5 in ``sigma_t / alpha_t`` between the two ends, with ``rho`` defaulting to the
       EDM schedule's own ``rho`` (7 for every other schedule).
+    * a grid given as data (a grid file's path or the times [num_steps + 1], e.g. one optimised for a model by
+      :func:`grid_search.optimize_grid`): :func:`given_grid`; it must end with the clean sentinel 0.
   """
+  if is_given(spacing):
+    if t_end is not None:
+      raise ValueError('t_end does not apply to a grid given as data: its times are the grid.')
+    return given_grid(schedule, spacing, num_steps, ends_at_zero=True, t_start=t_start)
   if spacing not in SPACINGS:
-    raise ValueError(f'Unknown spacing {spacing!r}; choose one of {SPACINGS}.')
+    raise ValueError(f'Unknown spacing {spacing!r}; choose one of {SPACINGS}, a grid file (*.json) or the times.')
   if convention not in CONVENTIONS:
     raise ValueError(f'Unknown grid convention {convention!r}; choose one of {CONVENTIONS}.')
   if convention == 'multistep' and spacing in ('linspace', 'leading'):
@@ -153,7 +212,7 @@ def _diffusers_multistep_grid(schedule: DiscreteSchedule, num_steps: int, spacin
   return jnp.asarray(np.append(ts, 0.0), jnp.float32)
 
 
-def solver_grid(schedule: Schedule, num_steps: int, spacing: str, *, denoise_to_zero: bool,
+def solver_grid(schedule: Schedule, num_steps: int, spacing: Spacing, *, denoise_to_zero: bool,
                 t_start: float | None = None, convention: str = 'multistep') -> Array:
   """The grid [num_steps + 1] of a solver that makes ``num_steps`` steps, the last to ``0`` or to ``t_min``.
 
@@ -162,8 +221,11 @@ def solver_grid(schedule: Schedule, num_steps: int, spacing: str, *, denoise_to_
   For spacings whose points end at ``t_min`` (``'log_snr'``, ``'karras'`` and DDIM's ``'linspace'``) that is the
   spacing's grid of ``num_steps + 1`` points; for the others (``'trailing'``, ``'leading'`` and the multistep
   ``'linspace'``) it is their ``num_steps`` points followed by ``t_min`` (diffusers' ``final_sigmas_type=
-  'sigma_min'``).
+  'sigma_min'``). A grid given as data (:func:`given_grid`) must end at 0 for ``denoise_to_zero=True`` and above 0
+  otherwise.
   """
+  if is_given(spacing):
+    return given_grid(schedule, spacing, num_steps, ends_at_zero=denoise_to_zero, t_start=t_start)
   if denoise_to_zero:
     return time_grid(schedule, num_steps, spacing, t_start=t_start, convention=convention)
   ends_at_t_min = spacing in ('log_snr', 'karras') or (spacing == 'linspace' and convention == 'ddim')

@@ -27,7 +27,7 @@ Array = jax.Array
 
 
 def consistency_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 1,
-                       spacing: str = 'trailing', t_start: float | None = None, x_T: Array | None = None,
+                       spacing: base.Spacing = 'trailing', t_start: float | None = None, x_T: Array | None = None,
                        inpaint: base.Inpaint | None = None, return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with ``num_steps`` consistency steps (1 = single-step generation).
 

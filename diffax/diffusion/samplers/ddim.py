@@ -30,7 +30,7 @@ Array = jax.Array
 
 
 def ddim_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 50, eta: float = 0.0,
-                spacing: str = 'trailing', t_start: float | None = None, x_T: Array | None = None,
+                spacing: base.Spacing = 'trailing', t_start: float | None = None, x_T: Array | None = None,
                 inpaint: base.Inpaint | None = None, return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with DDIM; ``num_steps`` model evaluations.
 

@@ -98,7 +98,7 @@ def _multistep_in_rho(denoiser: Denoiser, rng: Array, shape: Sequence[int], ts: 
 
 
 def deis_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 10, order: int = 3,
-                spacing: str = 'log_snr', lower_order_final: bool = True, denoise_to_zero: bool = True,
+                spacing: base.Spacing = 'log_snr', lower_order_final: bool = True, denoise_to_zero: bool = True,
                 t_start: float | None = None, x_T: Array | None = None, inpaint: base.Inpaint | None = None,
                 return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with tAB-DEIS in ``log rho`` (module docstring); ``num_steps`` model evaluations.
@@ -128,7 +128,7 @@ def deis_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_ste
 
 
 def ipndm_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 10, order: int = 4,
-                 spacing: str = 'log_snr', lower_order_final: bool = False, t_start: float | None = None,
+                 spacing: base.Spacing = 'log_snr', lower_order_final: bool = False, t_start: float | None = None,
                  x_T: Array | None = None, inpaint: base.Inpaint | None = None,
                  return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with iPNDM (module docstring); ``num_steps`` model evaluations.

@@ -87,7 +87,7 @@ def _first_order(x: Array, x0: Array, sigma_s: Array, alpha_t: Array, sigma_t: A
 
 
 def dpm_solver_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 20,
-                      order: int = 2, method: str = 'multistep', spacing: str = 'log_snr',
+                      order: int = 2, method: str = 'multistep', spacing: base.Spacing = 'log_snr',
                       lower_order_final: bool = True, denoise_to_zero: bool = True, t_start: float | None = None,
                       x_T: Array | None = None, inpaint: base.Inpaint | None = None,
                       return_trajectory: bool = False) -> base.SampleOutput:

@@ -52,7 +52,7 @@ Array = jax.Array
 
 def edm_heun_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 18,
                     s_churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
-                    spacing: str = 'karras', t_start: float | None = None, t_end: float | None = None,
+                    spacing: base.Spacing = 'karras', t_start: float | None = None, t_end: float | None = None,
                     x_T: Array | None = None, inpaint: base.Inpaint | None = None,
                     return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with EDM's Heun solver; ``2 num_steps - 1`` model evaluations.

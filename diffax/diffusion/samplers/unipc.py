@@ -110,7 +110,7 @@ def unipc_plan(num_steps: int, order: int, *, corrector: bool, final_corrector: 
 
 def unipc_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_steps: int = 10, order: int = 2,
                  variant: str = 'bh2', corrector: bool = True, final_corrector: bool = False,
-                 spacing: str = 'log_snr', lower_order_final: bool = True, denoise_to_zero: bool = False,
+                 spacing: base.Spacing = 'log_snr', lower_order_final: bool = True, denoise_to_zero: bool = False,
                  t_start: float | None = None, x_T: Array | None = None, inpaint: base.Inpaint | None = None,
                  return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with UniPC (module docstring); ``num_steps + final_corrector`` model evaluations.
