@@ -146,13 +146,16 @@ class CondDropout:
 
   With probability ``p_uncond`` per example the whole condition becomes the null condition: integer leaves
   (class labels [B]) become ``null_label`` -- by convention ``num_classes``, an extra embedding row the
-  network keeps for "no label" -- and floating leaves (a context [B, L, D]) become ``null_value``. A sampler
-  then guides with ``parameterization.classifier_free_guidance(..., null_cond=<the same null values>)``.
+  network keeps for "no label" -- and floating leaves (a context [B, L, D]) become ``null_value``. With
+  ``null_tokens`` (the empty caption's ids, length L), integer leaves [B, L] (token ids) become that sequence
+  instead: the text encoder then sees the null caption. A sampler guides with
+  ``parameterization.classifier_free_guidance(..., null_cond=<the same null values>)``.
   """
 
   p_uncond: float = 0.1
   null_label: int | None = None
   null_value: float = 0.0
+  null_tokens: tuple[int, ...] | None = None
 
 
 def drop_condition(cond: Any, rng: Array, dropout: CondDropout | None, *,
@@ -166,12 +169,18 @@ def drop_condition(cond: Any, rng: Array, dropout: CondDropout | None, *,
   if dropout is None or not leaves:
     return cond, jnp.zeros((batch_size,), bool)
   is_label = lambda leaf: jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.integer)
-  if dropout.null_label is None and any(is_label(leaf) for leaf in leaves):
-    raise ValueError('Integer (class label) conditions need CondDropout(null_label=num_classes).')
+  is_tokens = lambda leaf: dropout.null_tokens is not None and is_label(leaf) and jnp.ndim(leaf) == 2
+  if dropout.null_label is None and any(is_label(leaf) and not is_tokens(leaf) for leaf in leaves):
+    raise ValueError('Integer (class label) conditions need CondDropout(null_label=num_classes), token ids [B, L] '
+                     'CondDropout(null_tokens=<the empty caption\'s ids>).')
   dropped = jax.random.bernoulli(rng, dropout.p_uncond, (batch_size,))
 
   def drop(leaf):
     leaf = jnp.asarray(leaf)
+    if is_tokens(leaf):
+      if len(dropout.null_tokens) != leaf.shape[1]:
+        raise ValueError(f'null_tokens has {len(dropout.null_tokens)} ids; the token ids are {leaf.shape}.')
+      return jnp.where(dropped[:, None], jnp.asarray(dropout.null_tokens, leaf.dtype)[None], leaf)
     null = dropout.null_label if is_label(leaf) else dropout.null_value
     return jnp.where(expand_like(dropped, leaf), jnp.asarray(null, leaf.dtype), leaf)
 

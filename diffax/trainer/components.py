@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffax import models
-from diffax.trainer import distill
+from diffax.trainer import distill, text
 from diffax.trainer.config import ConfigError
 from diffax.trainer.objective import Objective
 from diffax.diffusion import losses, parameterization, samplers, schedules
@@ -40,7 +40,8 @@ def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """The backbone with the data's classes, the compute dtype, remat, and learned variance for the hybrid loss."""
+  """The backbone with the data's classes, the compute dtype, remat, and learned variance for the hybrid loss;
+  with ``model.text_encoder`` the backbone takes the encoder's context and is wrapped with it (:mod:`.text`)."""
   model_cls = models.MODELS[config.model.name]
   allowed = {f.name for f in dataclasses.fields(model_cls)} - {'parent', 'name'}
   overrides = _kwargs(config.model.overrides)
@@ -52,11 +53,13 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   if overrides.get('learn_sigma', learn_sigma) != learn_sigma:
     raise ConfigError('model.overrides.learn_sigma', "learned variance goes with diffusion.loss='hybrid' only.")
   fields = {'dtype': jnp.dtype(config.model.dtype), 'remat': config.model.remat,
-            'num_classes': config.data.num_classes or None, 'learn_sigma': learn_sigma, **overrides}
+            'num_classes': config.data.num_classes or None, 'learn_sigma': learn_sigma, **text.backbone_fields(config),
+            **overrides}
   try:
-    return models.get_model(config.model.name, preset=config.model.preset or None, **fields)
+    backbone = models.get_model(config.model.name, preset=config.model.preset or None, **fields)
   except TypeError as error:
     raise ConfigError('model.overrides', str(error))
+  return text.conditioned(config, backbone)
 
 
 def apply_fn_of(model: nn.Module) -> losses.ApplyFn:
@@ -87,6 +90,8 @@ def build_loss(config: ml_collections.ConfigDict, apply_fn: losses.ApplyFn,
   cond_dropout = None
   if config.data.num_classes and d.p_uncond > 0:
     cond_dropout = losses.CondDropout(p_uncond=d.p_uncond, null_label=config.data.num_classes)
+  if config.model.text_encoder and d.p_uncond > 0:  # caption dropout to the empty caption
+    cond_dropout = losses.CondDropout(p_uncond=d.p_uncond, null_tokens=text.from_config(config).null_tokens)
   kwargs = dict(schedule=schedule, prediction=d.prediction, sigma_data=sigma_data(config, schedule),
                 cond_dropout=cond_dropout)
   if d.loss != 'hybrid':
@@ -124,7 +129,9 @@ def sampler_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   ``sample.spacing`` where set (``0`` / ``''`` mean the sampler's default) and by ``sample.kwargs``.
 
   What is returned is what runs, and what evaluation results record. A keyword the sampler does not take
-  (``sample.num_steps`` for ``'adaptive_ode'``, a misspelt ``sample.kwargs`` entry) is a :class:`ConfigError`.
+  (``sample.num_steps`` for ``'adaptive_ode'``, a misspelt ``sample.kwargs`` entry) is a :class:`ConfigError`, and
+  so is a ``sample.spacing`` grid file (``*.json``, ``diffax.samplers.save_grid``) that cannot be read or does not
+  fit the sampler's ``num_steps`` and final step.
   """
   s = config.sample
   sampler = samplers.get_sampler(s.sampler)
@@ -141,6 +148,13 @@ def sampler_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
       raise ConfigError(config_key, f'sampler {s.sampler!r} takes no {name!r}; its keywords are {sorted(parameters)}.')
   used = {name: p.default for name, p in parameters.items()}
   used.update(dict(given.values()))
+  for config_key, (name, value) in given.items():
+    if name == 'spacing' and samplers.is_grid_path(value):  # a grid file: readable, and for these steps
+      try:
+        samplers.check_grid(samplers.load_grid(value), used['num_steps'],
+                            ends_at_zero=used.get('denoise_to_zero', True))
+      except ValueError as e:
+        raise ConfigError(config_key, str(e)) from e
   return used
 
 
@@ -149,7 +163,8 @@ def build_generate(config: ml_collections.ConfigDict, model: nn.Module, schedule
   """``generate(params, rng, labels [B] | None, shape) -> SampleOutput``: the configured sampler on the model.
 
   Learned-variance channels are dropped before guidance and sampling (the samplers use the mean prediction).
-  With ``sample.guidance_scale != 1`` the model is guided (Ho & Salimans 2022) against the null label.
+  With ``sample.guidance_scale != 1`` the model is guided (Ho & Salimans 2022) against the null label (a text
+  model: against the empty caption; ``labels`` are then token ids [B, L]).
   """
   s = config.sample
   sampler = samplers.get_sampler(s.sampler)
@@ -157,6 +172,7 @@ def build_generate(config: ml_collections.ConfigDict, model: nn.Module, schedule
   denoiser_fields = dict(schedule=schedule, prediction=config.diffusion.prediction,
                          sigma_data=sigma_data(config, schedule), clip_x0=s.clip_x0 or None)
   num_classes = config.data.num_classes
+  conditioning = text.from_config(config)
 
   def generate(params, rng, labels, shape):
 
@@ -168,8 +184,10 @@ def build_generate(config: ml_collections.ConfigDict, model: nn.Module, schedule
     elif s.guidance_scale == 1.0:
       model_fn = lambda x, t: net(x, t, labels)
     else:
-      model_fn = parameterization.classifier_free_guidance(net, cond=labels, null_cond=jnp.full_like(
-          labels, num_classes), scale=s.guidance_scale)
+      null_cond = jnp.full_like(labels, num_classes) if conditioning is None else jnp.broadcast_to(
+          jnp.asarray(conditioning.null_tokens, labels.dtype), labels.shape)  # the empty caption for text
+      model_fn = parameterization.classifier_free_guidance(net, cond=labels, null_cond=null_cond,
+                                                           scale=s.guidance_scale)
     denoiser = distill.sampling_denoiser(config, parameterization.Denoiser(model_fn, **denoiser_fields))
     return sampler(denoiser, rng, shape, **kwargs)
 

@@ -53,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
       preset='',  # a preset of that model (diffax.models.PRESETS) or '' for the model's defaults
       dtype='float32',  # compute dtype: 'float32' or 'bfloat16'; parameters are always float32
       remat='none',  # 'none' or a policy of diffax.models.layers.REMAT_POLICIES
+      text_encoder='',  # text-to-image: a text tower trained with the backbone, e.g. 'clip_tiny' (trainer/text.py)
   )
   c.model.overrides = ml_collections.ConfigDict()  # backbone fields, e.g. {'ch': 64, 'dropout': 0.1}
   c.diffusion = dict(
@@ -110,6 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_samples=64,  # grid size
       ema_decay=0.0,  # which EMA to sample from; 0 = the first of train.ema_decays
       seed=0,
+      prompts='',  # text models: prompts of the sample grid separated by ';' ('' = the held-out captions)
       control='',  # finetune.mode='controlnet': .npy / .png control images ('' = those of the test split)
       control_scale=1.0,  # ControlNet conditioning scale s at sampling (0 = the base model)
   )
@@ -157,6 +159,18 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of the config file ``path`` (what ``--config=path:arg`` reads), e.g. for a config that
+  starts from another (``configs/digits_lora.py`` from ``configs/digits.py``, whose checkpoint it fine-tunes)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def runlocal(c: ml_collections.ConfigDict, *, preset: str) -> ml_collections.ConfigDict:
   """Shrinks a config to a CPU smoke run (big_vision's ``runlocal``): a tiny ``preset``, 4 steps of batch 8,
   fp32, no sharding, checkpoints every 2 steps, no periodic sampling or evaluation, 8 three-step samples."""
@@ -190,7 +204,7 @@ def _positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects impossible settings with the key named. Keyword sections are checked by building them."""
   from diffax import models  # the registry imports Flax modules; keep config import light
-  from diffax.trainer import distill
+  from diffax.trainer import distill, text
 
   _choice(config, 'model.name', models.MODELS)
   if config.model.preset:
@@ -207,7 +221,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'sample.sampler', {**samplers.SAMPLERS, **samplers.DEPRECATED_NAMES})
   samplers.canonical_name(config.sample.sampler)  # warns about a deprecated name
   _choice(config, 'finetune.mode', ('', 'full', 'subtrees', 'lora', 'controlnet'))
-  _choice(config, 'eval.metric', ('digits', 'inception', 'moving_digits', 'tones', ''))
+  _choice(config, 'eval.metric', ('digits', 'captions', 'inception', 'moving_digits', 'tones', ''))
   _positive(config, 'optim.learning_rate', 'optim.grad_accum_steps', 'train.num_steps', 'train.batch_size',
             'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints', 'train.loss_buckets',
             'sample.num_samples', 'eval.batch_size', 'eval.num_samples',
@@ -227,8 +241,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'{tuple(config.train.ema_decays)} (0 picks the first).')
   if config.diffusion.p_uncond >= 1.0:
     raise ConfigError('diffusion.p_uncond', 'must be below 1 (it is the probability of dropping a label).')
-  if config.sample.guidance_scale != 1.0 and not config.data.num_classes:
-    raise ConfigError('sample.guidance_scale', 'guidance needs a class-conditional model (data.num_classes > 0).')
+  if config.sample.guidance_scale != 1.0 and not (config.data.num_classes or config.model.text_encoder):
+    raise ConfigError('sample.guidance_scale', 'guidance needs a class-conditional model (data.num_classes > 0) '
+                      'or a text model (model.text_encoder).')
   if config.sample.guidance_scale != 1.0 and config.diffusion.p_uncond == 0.0:
     raise ConfigError('sample.guidance_scale', 'guidance needs an unconditional model too: set '
                       'diffusion.p_uncond > 0 (label dropout), or guidance_scale = 1.')
@@ -237,6 +252,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.diffusion.loss == 'edm' and config.diffusion.prediction != 'edm' and config.diffusion.schedule == 'edm':
     raise ConfigError('diffusion.prediction', "EDM training on the 'edm' schedule uses prediction='edm'.")
   _validate_flow(config)
+  text.from_config(config)
   distill.validate(config)
   if config.mesh.data == 0 or config.mesh.data < -1:
     raise ConfigError('mesh.data', f'must be -1 (all remaining devices) or positive, got {config.mesh.data}.')

@@ -22,14 +22,20 @@ from clu import metric_writers, periodic_actions
 from diffax.trainer import components, config as config_lib, console, sharding
 from diffax.data.pipeline import make_iterator
 from diffax.diffusion import samplers
-from diffax.evaluation import evaluators, moving_digits, stats, tones
+from diffax.evaluation import caption_agreement, evaluators, moving_digits, stats, tones
 from diffax.trainer.experiment import Experiment
 
 
 def make_evaluator(config: ml_collections.ConfigDict) -> evaluators.Evaluator:
   """The configured evaluator; a missing Inception weights or statistics file fails here, before sampling."""
+  if config.eval.metric in ('digits', 'captions') and bool(config.model.text_encoder) != (
+      config.eval.metric == 'captions'):
+    raise config_lib.ConfigError('eval.metric', "a text model (model.text_encoder) is judged by 'captions' (the "
+                                 "agreement with its held-out captions), a class or unconditional model not.")
   if config.eval.metric == 'digits':
     return evaluators.DigitsEvaluator()
+  if config.eval.metric == 'captions':
+    return caption_agreement.CaptionAgreementEvaluator()
   if config.eval.metric == 'inception':
     return evaluators.InceptionEvaluator(weights_path=config.eval.inception_weights or None,
                                          reference_stats=config.eval.reference_stats or None)
@@ -40,8 +46,8 @@ def make_evaluator(config: ml_collections.ConfigDict) -> evaluators.Evaluator:
     return moving_digits.MovingDigitsEvaluator(num_frames=config.data.num_frames or 16)
   if config.eval.metric == 'tones':
     return tones.TonesEvaluator(length=config.data.length or 1024)
-  raise config_lib.ConfigError('eval.metric', 'no metric configured; choose digits, inception, moving_digits or '
-                               'tones.')
+  raise config_lib.ConfigError('eval.metric', 'no metric configured; choose digits, captions, inception, '
+                               'moving_digits or tones.')
 
 
 def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Evaluator, *, num_samples: int,
@@ -58,11 +64,14 @@ def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Ev
   for b in range(num_batches):
     index = jnp.arange(b * batch_size, (b + 1) * batch_size, dtype=jnp.int32)
     labels = jax.device_put(index % max(num_classes, 1), labels_sharding)
-    samples, nfe = generate(params, jax.random.fold_in(jax.random.PRNGKey(seed), b), labels)
+    cond = labels
+    if exp.text:  # held-out captions: the sampler reads their ids, the evaluator what they say
+      cond, labels = (jax.device_put(a, labels_sharding) for a in exp.text.held_out(np.asarray(index)))
+    samples, nfe = generate(params, jax.random.fold_in(jax.random.PRNGKey(seed), b), cond)
     keep = min(batch_size, num_samples - b * batch_size)
     if keep < batch_size:  # the last batch: drop the surplus (host arrays; this is at most one batch)
       samples, labels = np.asarray(jax.device_get(samples))[:keep], np.asarray(jax.device_get(labels))[:keep]
-    evaluator.update(samples, labels if num_classes else None)
+    evaluator.update(samples, labels if num_classes or exp.text else None)
     if progress:
       progress(b + 1)
   metrics = evaluator.result()

@@ -13,6 +13,7 @@ import numpy as np
 from etils import epath
 
 from diffax.trainer import checkpoint, components, config as config_lib, console, finetune, optim, sharding, train_state
+from diffax.trainer import text
 from diffax.data.pipeline import data_key, make_iterator
 from diffax.data.sources import SourceConfigError, get_source
 
@@ -44,6 +45,8 @@ class Experiment:
     if config.data.num_classes and not 0 <= int(record['label']) < config.data.num_classes:
       raise config_lib.ConfigError('data.num_classes', f'label {record["label"]} of {config.data.name} is outside '
                                    f'[0, {config.data.num_classes}).')
+    self.text = text.from_config(config)  # captions' tokenizer and prompts of a text model, else None
+    self.cond_shape = self.text.cond_shape if self.text else (() if config.data.num_classes else None)
     self.schedule = components.build_schedule(config)
     self.model = components.build_model(config)
     rank = len(self.image_shape) - 1
@@ -81,7 +84,7 @@ class Experiment:
 
   def example_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     x = jnp.zeros((batch_size, *self.image_shape), jnp.float32)
-    cond = jnp.zeros((batch_size,), jnp.int32) if self.config.data.num_classes else None
+    cond = None if self.cond_shape is None else jnp.zeros((batch_size, *self.cond_shape), jnp.int32)
     return x, jnp.ones((batch_size,), jnp.float32), cond
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
@@ -89,8 +92,8 @@ class Experiment:
     batch_sharding = sharding.batch_sharding(self.mesh)
     b = self.config.train.batch_size
     batch = {'x': jax.ShapeDtypeStruct((b, *self.image_shape), jnp.float32, sharding=batch_sharding)}
-    if self.config.data.num_classes:
-      batch['cond'] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)
+    if self.cond_shape is not None:  # labels [b] or caption ids [b, L]
+      batch['cond'] = jax.ShapeDtypeStruct((b, *self.cond_shape), jnp.int32, sharding=batch_sharding)
     return self.tuning.abstract_batch(batch)
 
   def init_backbone(self, rng: jax.Array) -> Any:
@@ -120,7 +123,7 @@ class Experiment:
 
   def model_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What the loss sees: ``{'x', 'cond'}``, or only ``{'x'}`` for an unconditional model."""
-    return self.tuning.model_batch(host_batch if self.config.data.num_classes else {'x': host_batch['x']})
+    return self.tuning.model_batch(host_batch if self.cond_shape is not None else {'x': host_batch['x']})
 
   def sample_params(self, state: train_state.TrainState) -> Any:
     return state.ema_params[components.ema_index(self.config)]
@@ -133,7 +136,7 @@ class Experiment:
     """
     if batch_size not in self._compiled_generate:
       labels_sharding = sharding.batch_sharding(self.mesh)
-      conditional = bool(self.config.data.num_classes)
+      conditional = self.cond_shape is not None
       shape = (batch_size, *self.image_shape)
 
       def run(params, rng, labels):
@@ -144,12 +147,15 @@ class Experiment:
                                           labels_sharding),
                        out_shardings=(labels_sharding, sharding.replicated(self.mesh)))
       rng = jax.eval_shape(jax.random.PRNGKey, 0)
-      labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+      labels = jax.ShapeDtypeStruct((batch_size, *(self.cond_shape or ())), jnp.int32)
       self._compiled_generate[batch_size] = sharding.compile_on_all_processes(
           jitted, self.abstract_state.params, rng, labels, name=f'generate_{batch_size}')
     return self._compiled_generate[batch_size]
 
   def grid_labels(self, n: int) -> jax.Array:
-    """Labels of a sample grid: classes cycle along rows (column j shows class j mod num_classes)."""
+    """Labels of a sample grid: classes cycle along rows (column j shows class j mod num_classes); a text model's
+    caption ids [n, L] (:meth:`text.TextConditioning.grid_tokens`)."""
+    if self.text:
+      return jax.device_put(self.text.grid_tokens(n), sharding.batch_sharding(self.mesh))
     num_classes = max(self.config.data.num_classes, 1)
     return jax.device_put(jnp.arange(n, dtype=jnp.int32) % num_classes, sharding.batch_sharding(self.mesh))
