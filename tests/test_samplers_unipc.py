@@ -51,7 +51,7 @@ def report(sampler: str, mix: str, sched: str, **kwargs) -> dict[str, float]:
 def ring_x0_np(x: np.ndarray, alpha: float, sigma: float) -> np.ndarray:
   """Tweedie's E[x0 | x_t] [n, 2] of the ring mixture (isotropic modes), float64."""
   ring = MIXTURES['ring']
-  mu, w, var0 = np.asarray(ring.means, np.float64), np.asarray(ring.weights, np.float64), 0.01
+  mu, w, var0 = np.asarray(ring.means, np.float64), np.asarray(ring.weights, np.float64), float(ring.eigvals[0, 0])
   var = alpha**2 * var0 + sigma**2
   logits = np.log(w)[None] - 0.5 * np.sum((x[:, None] - alpha * mu[None])**2, axis=-1) / var
   resp = np.exp(logits - logits.max(axis=1, keepdims=True))

@@ -31,7 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from diffax.diffusion.schedules import Schedule, expand_like
+from diffax.diffusion.schedules import Schedule, expand_like, float_dtype
 
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
@@ -140,7 +140,7 @@ def model_inputs(prediction: str, x_t: Array, t: Array, alpha_t: Array, sigma_t:
 
 def denoise(model_fn: ModelFn, x_t: Array, t: Array, *, schedule: Schedule, prediction: str = 'eps',
             sigma_data: float = 0.5) -> tuple[Array, Array]:
-  """Evaluates ``model_fn`` once and returns ``(x0_hat, eps_hat)`` in float32.
+  """Evaluates ``model_fn`` once and returns ``(x0_hat, eps_hat)`` in float32 (float64 for a float64 ``x_t``).
 
   Args:
     model_fn: ``(x [B, ...], t [B]) -> output [B, ...]`` in parameterisation ``prediction``; it may
@@ -148,11 +148,12 @@ def denoise(model_fn: ModelFn, x_t: Array, t: Array, *, schedule: Schedule, pred
     x_t: [B, ...] noisy input at time ``t``.
     t: [] or [B] schedule time.
   """
-  x_t = jnp.asarray(x_t, jnp.float32)
-  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
+  dtype = float_dtype(x_t)
+  x_t = jnp.asarray(x_t, dtype)
+  t = jnp.broadcast_to(jnp.asarray(t, dtype), x_t.shape[:1])
   alpha_t, sigma_t = schedule.alpha_sigma(t)
   x_in, t_in = model_inputs(prediction, x_t, t, alpha_t, sigma_t, sigma_data=sigma_data)
-  output = model_fn(x_in, t_in).astype(jnp.float32)
+  output = model_fn(x_in, t_in).astype(dtype)
   alpha_dot_t, sigma_dot_t = schedule.alpha_sigma_dot(t) if prediction in RATE_PREDICTIONS else (None, None)
   return x0_eps_from_output(prediction, output, x_t, alpha_t, sigma_t, sigma_data=sigma_data,
                             alpha_dot_t=alpha_dot_t, sigma_dot_t=sigma_dot_t)
@@ -165,7 +166,8 @@ class Denoiser:
   What every sampler takes. ``Denoiser(model_fn, schedule)`` wraps an eps-model; ``prediction`` and
   ``sigma_data`` say how to read its output (:func:`denoise`); ``clip_x0`` clips ``x0_hat`` to
   ``[-clip_x0, clip_x0]`` and then recomputes ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t`` so the two stay
-  consistent (as DDPM/DDIM reference code does with ``clip_denoised``). Both outputs are float32.
+  consistent (as DDPM/DDIM reference code does with ``clip_denoised``). Both outputs are float32 (float64 for a
+  float64 ``x_t``).
   """
 
   model_fn: ModelFn
@@ -181,7 +183,7 @@ class Denoiser:
     x0, eps = denoise(self.model_fn, x_t, t, schedule=self.schedule, prediction=self.prediction,
                       sigma_data=self.sigma_data)
     if self.clip_x0 is not None:
-      alpha_t, sigma_t = self.schedule.alpha_sigma(jnp.asarray(t, jnp.float32))
+      alpha_t, sigma_t = self.schedule.alpha_sigma(jnp.asarray(t, x0.dtype))
       x0 = jnp.clip(x0, -self.clip_x0, self.clip_x0)
       eps = (x_t - expand_like(alpha_t, x_t) * x0) / expand_like(sigma_t, x_t)
     return x0, eps
@@ -206,7 +208,7 @@ def classifier_free_guidance(model_fn: Callable[[Array, Array, object], Array], 
   def guided(x, t):
     both = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null_cond)
     out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
-    out_cond, out_null = jnp.split(out.astype(jnp.float32), 2, axis=0)
+    out_cond, out_null = jnp.split(out.astype(float_dtype(out)), 2, axis=0)
     return out_null + scale * (out_cond - out_null)
 
   return guided

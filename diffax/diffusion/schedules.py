@@ -46,7 +46,7 @@ class Schedule(abc.ABC):
 
   @abc.abstractmethod
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
-    """Returns ``(alpha_t, sigma_t)``, each with the shape of ``t``, in float32."""
+    """Returns ``(alpha_t, sigma_t)``, each with the shape of ``t``, in float32 (float64 for a float64 ``t``)."""
 
   @abc.abstractmethod
   def t_from_log_snr(self, log_snr: Array) -> Array:
@@ -63,7 +63,7 @@ class Schedule(abc.ABC):
     They define the velocity ``u = d x_t / dt = alpha_dot_t x_0 + sigma_dot_t eps`` of the path (Lipman et al.
     2023, "Flow Matching", eq. 15; Ma et al. 2024, "SiT", eq. 3); the interpolants override them in closed form.
     """
-    t = _as_f32(t)
+    t = _as_float(t)
     _, rates = jax.jvp(self.alpha_sigma, (t,), (jnp.ones_like(t),))
     return rates
 
@@ -79,7 +79,7 @@ class Schedule(abc.ABC):
 
   def sde(self, t: Array) -> tuple[Array, Array]:
     """Returns ``(f(t), g(t)^2)`` of the SDE ``dx = f(t) x dt + g(t) dw`` (eq. 2), shape of ``t``."""
-    t = jnp.asarray(t, jnp.float32)
+    t = _as_float(t)
 
     def log_alpha_and_var(t):
       alpha_t, sigma_t = self.alpha_sigma(t)
@@ -126,8 +126,15 @@ def posterior_from(alpha_s: Array, sigma_s: Array, alpha_t: Array,
   return alpha_s * var_ts / var_t, alpha_ts * jnp.square(sigma_s) / var_t, var_ts * jnp.square(sigma_s) / var_t
 
 
-def _as_f32(t: Array) -> Array:
-  return jnp.asarray(t, jnp.float32)
+def float_dtype(x=None) -> jnp.dtype:
+  """The dtype schedule arithmetic runs in for the input ``x``: float64 where ``x`` is a float64 array (which needs
+  ``jax_enable_x64``, for closed-form checks below float32 rounding), else float32 (Python numbers, float32,
+  bfloat16, integers, no input)."""
+  return jnp.dtype(jnp.float64) if getattr(x, 'dtype', None) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _as_float(t: Array) -> Array:
+  return jnp.asarray(t, float_dtype(t))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +155,11 @@ class VPSDE(Schedule):
     return 1.0
 
   def beta(self, t: Array) -> Array:
-    return self.beta_min + _as_f32(t) * (self.beta_max - self.beta_min)
+    return self.beta_min + _as_float(t) * (self.beta_max - self.beta_min)
 
   def integral_beta(self, t: Array) -> Array:
     """``int_0^t beta(s) ds``."""
-    t = _as_f32(t)
+    t = _as_float(t)
     return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * jnp.square(t)
 
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
@@ -167,7 +174,7 @@ class VPSDE(Schedule):
     return (2.0 * b) / (self.beta_min + jnp.sqrt(self.beta_min**2 + 2.0 * db * b))
 
   def t_from_log_snr(self, log_snr: Array) -> Array:
-    return self._t_from_integral_beta(jax.nn.softplus(-_as_f32(log_snr)))
+    return self._t_from_integral_beta(jax.nn.softplus(-_as_float(log_snr)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +194,7 @@ class SubVPSDE(VPSDE):
 
   def t_from_log_snr(self, log_snr: Array) -> Array:
     # alpha / (1 - alpha^2) = r := exp(log_snr / 2)  =>  alpha = (sqrt(1 + 4 r^2) - 1) / (2 r).
-    r = jnp.exp(0.5 * _as_f32(log_snr))
+    r = jnp.exp(0.5 * _as_float(log_snr))
     alpha = 2.0 * r / (jnp.sqrt(1.0 + 4.0 * jnp.square(r)) + 1.0)
     return self._t_from_integral_beta(-2.0 * jnp.log(alpha))
 
@@ -209,12 +216,12 @@ class VESDE(Schedule):
     return self.sigma_max
 
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
-    t = _as_f32(t)
+    t = _as_float(t)
     sigma_t = self.sigma_min * jnp.exp(t * math.log(self.sigma_max / self.sigma_min))
     return jnp.ones_like(t), sigma_t
 
   def t_from_log_snr(self, log_snr: Array) -> Array:
-    log_sigma = -0.5 * _as_f32(log_snr)
+    log_sigma = -0.5 * _as_float(log_snr)
     return (log_sigma - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
 
 
@@ -246,11 +253,11 @@ class EDM(Schedule):
     return self.sigma_max
 
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
-    t = _as_f32(t)
+    t = _as_float(t)
     return jnp.ones_like(t), t
 
   def t_from_log_snr(self, log_snr: Array) -> Array:
-    return jnp.exp(-0.5 * _as_f32(log_snr))
+    return jnp.exp(-0.5 * _as_float(log_snr))
 
   def training_sigma(self, rng: Array, shape: tuple[int, ...]) -> Array:
     """``sigma = exp(p_mean + p_std n)``, ``n ~ N(0, 1)`` (EDM Table 1, training)."""
@@ -298,13 +305,13 @@ class DiscreteSchedule(Schedule):
 
   @functools.cached_property
   def _knots(self) -> tuple[np.ndarray, np.ndarray]:
-    """Knot times [T + 1] (with an extrapolated knot at t = 0) and their log-SNRs, float32."""
+    """Knot times [T + 1] (with an extrapolated knot at t = 0) and their log-SNRs, float64 (cast to the precision
+    of ``t`` where used)."""
     abar = self.alphas_cumprod()
     log_snr = np.log(abar) - np.log1p(-abar)
     t = np.arange(1, self.num_timesteps + 1) / self.num_timesteps
     log_snr0 = log_snr[0] + (log_snr[0] - log_snr[1])
-    return (np.concatenate([[0.0], t]).astype(np.float32),
-            np.concatenate([[log_snr0], log_snr]).astype(np.float32))
+    return np.concatenate([[0.0], t]), np.concatenate([[log_snr0], log_snr])
 
   def timestep_to_t(self, n: Array) -> Array:
     """0-based timestep index -> continuous time ``(n + 1) / T``."""
@@ -312,12 +319,13 @@ class DiscreteSchedule(Schedule):
 
   def t_to_timestep(self, t: Array) -> Array:
     """Continuous time -> nearest 0-based timestep index (int32), e.g. for a network's discrete embedding."""
-    n = jnp.round(_as_f32(t) * self.num_timesteps) - 1.0
+    n = jnp.round(_as_float(t) * self.num_timesteps) - 1.0
     return jnp.clip(n, 0, self.num_timesteps - 1).astype(jnp.int32)
 
   def log_snr(self, t: Array) -> Array:
     knots_t, knots_log_snr = self._knots
-    return jnp.interp(_as_f32(t), jnp.asarray(knots_t), jnp.asarray(knots_log_snr))
+    t = _as_float(t)
+    return jnp.interp(t, jnp.asarray(knots_t, t.dtype), jnp.asarray(knots_log_snr, t.dtype))
 
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
     log_snr = self.log_snr(t)
@@ -325,7 +333,8 @@ class DiscreteSchedule(Schedule):
 
   def t_from_log_snr(self, log_snr: Array) -> Array:
     knots_t, knots_log_snr = self._knots
-    return jnp.interp(-_as_f32(log_snr), jnp.asarray(-knots_log_snr), jnp.asarray(knots_t))
+    log_snr = _as_float(log_snr)
+    return jnp.interp(-log_snr, jnp.asarray(-knots_log_snr, log_snr.dtype), jnp.asarray(knots_t, log_snr.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,19 +397,19 @@ class RectifiedFlow(Interpolant):
   t_max: float = 1.0 - 1e-3
 
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
-    t = _as_f32(t)
+    t = _as_float(t)
     return 1.0 - t, t
 
   def alpha_sigma_dot(self, t: Array) -> tuple[Array, Array]:
-    t = _as_f32(t)
+    t = _as_float(t)
     return -jnp.ones_like(t), jnp.ones_like(t)
 
   def log_snr(self, t: Array) -> Array:
-    t = _as_f32(t)
+    t = _as_float(t)
     return 2.0 * (jnp.log1p(-t) - jnp.log(t))
 
   def t_from_log_snr(self, log_snr: Array) -> Array:
-    return jax.nn.sigmoid(-0.5 * _as_f32(log_snr))
+    return jax.nn.sigmoid(-0.5 * _as_float(log_snr))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,18 +426,18 @@ class GVP(Interpolant):
   t_max: float = 1.0 - 1e-3
 
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
-    angle = 0.5 * math.pi * _as_f32(t)
+    angle = 0.5 * math.pi * _as_float(t)
     return jnp.cos(angle), jnp.sin(angle)
 
   def alpha_sigma_dot(self, t: Array) -> tuple[Array, Array]:
-    angle = 0.5 * math.pi * _as_f32(t)
+    angle = 0.5 * math.pi * _as_float(t)
     return -0.5 * math.pi * jnp.sin(angle), 0.5 * math.pi * jnp.cos(angle)
 
   def log_snr(self, t: Array) -> Array:
-    return -2.0 * jnp.log(jnp.tan(0.5 * math.pi * _as_f32(t)))
+    return -2.0 * jnp.log(jnp.tan(0.5 * math.pi * _as_float(t)))
 
   def t_from_log_snr(self, log_snr: Array) -> Array:
-    return (2.0 / math.pi) * jnp.arctan(jnp.exp(-0.5 * _as_f32(log_snr)))
+    return (2.0 / math.pi) * jnp.arctan(jnp.exp(-0.5 * _as_float(log_snr)))
 
 
 SCHEDULES: dict[str, type[Schedule]] = {

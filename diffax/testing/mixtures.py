@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.diffusion import parameterization
-from diffax.diffusion.schedules import Schedule
+from diffax.diffusion.schedules import Schedule, float_dtype
 
 Array = jax.Array
 
@@ -86,7 +86,7 @@ class GaussianMixture:
 
   def velocity(self, x_t: Array, t: Array | float, schedule: Schedule) -> Array:
     """The exact marginal velocity ``u(x_t, t)`` [N, D] of ``schedule``'s path (module docstring); ``t`` [N] or []."""
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
+    t = jnp.broadcast_to(jnp.asarray(t, float_dtype(x_t)), x_t.shape[:1])
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     alpha_dot_t, sigma_dot_t = schedule.alpha_sigma_dot(t)
     x0 = self.posterior_mean(x_t, alpha_t, sigma_t)
@@ -151,10 +151,13 @@ class GaussianMixture:
     return parameterization.Denoiser(self.model_fn(schedule, prediction, sigma_data=sigma_data), schedule,
                                      prediction, sigma_data=sigma_data, clip_x0=clip_x0)
 
+  def astype(self, dtype) -> GaussianMixture:
+    """The same mixture with parameters in ``dtype`` (float64 to run it on float64 inputs under x64)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), self)
+
   def _per_example(self, x: Array, alpha, sigma) -> tuple[Array, Array]:
-    shape = x.shape[:1]
-    return (jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), shape),
-            jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), shape))
+    shape, dtype = x.shape[:1], float_dtype(x)
+    return (jnp.broadcast_to(jnp.asarray(alpha, dtype), shape), jnp.broadcast_to(jnp.asarray(sigma, dtype), shape))
 
 
 def _mixture(weights, means, eigvecs, eigvals) -> GaussianMixture:

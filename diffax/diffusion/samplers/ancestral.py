@@ -77,7 +77,7 @@ def ancestral_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, nu
     if variance == 'large':
       var = jnp.square(sigma_t) - jnp.square(alpha_t / alpha_s) * jnp.square(sigma_s)
     std = jnp.where(t_next > 0, jnp.sqrt(jnp.maximum(var, 0.0)), 0.0)
-    x_next = c_x0 * x0 + c_xt * x + std * jax.random.normal(key, x.shape, jnp.float32)
+    x_next = c_x0 * x0 + c_xt * x + std * jax.random.normal(key, x.shape, x.dtype)
     return x_next, state
 
   return base.run(step, rng, shape, ts, schedule=schedule, nfe=num_steps, x_T=x_T, inpaint=inpaint,

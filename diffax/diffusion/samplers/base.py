@@ -16,6 +16,9 @@ parameterisation, optional clipping), an rng and a shape, and otherwise only its
     resampling jumps), and by the known image itself at the end.
   * The whole loop is one ``jax.lax.scan``; ``nfe`` counts model evaluations (a classifier-free guided call
     counts once).
+  * Precision follows ``x_T``: a float64 ``x_T`` (under ``jax_enable_x64``) runs the grid, the loop state, the
+    schedule and the parameterisation in float64 (:func:`diffax.diffusion.schedules.float_dtype`), so closed-form
+    checks can go below float32 rounding; everything else (no ``x_T``, float32, bfloat16) runs in float32.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.diffusion.samplers import grid_file
-from diffax.diffusion.schedules import EDM, DiscreteSchedule, Schedule, expand_like
+from diffax.diffusion.schedules import EDM, DiscreteSchedule, Schedule, expand_like, float_dtype
 
 Array = jax.Array
 SPACINGS = ('trailing', 'leading', 'linspace', 'log_snr', 'karras')
@@ -41,7 +44,8 @@ Spacing = str | os.PathLike | Sequence[float] | np.ndarray | Array
 
 @flax.struct.dataclass
 class SampleOutput:
-  """``samples`` [*shape] float32; ``nfe`` model evaluations; ``trajectory`` [num_steps + 1, *shape] or None."""
+  """``samples`` [*shape] float32 (float64 for a float64 ``x_T``); ``nfe`` model evaluations; ``trajectory``
+  [num_steps + 1, *shape] or None."""
 
   samples: Array
   nfe: Array | int
@@ -58,13 +62,13 @@ class Inpaint:
   def project(self, schedule: Schedule, x: Array, t: Array, rng: Array) -> Array:
     """Replaces known pixels of ``x`` (at time ``t``) by ``alpha_t x_known + sigma_t z``."""
     alpha_t, sigma_t = alpha_sigma_clean(schedule, t)
-    noised = alpha_t * self.x_known + sigma_t * jax.random.normal(rng, x.shape, jnp.float32)
+    noised = alpha_t * self.x_known + sigma_t * jax.random.normal(rng, x.shape, x.dtype)
     return jnp.where(self.mask > 0, noised, x)
 
 
 def alpha_sigma_clean(schedule: Schedule, t: Array) -> tuple[Array, Array]:
-  """``schedule.alpha_sigma(t)``, except that ``t <= 0`` means clean data: ``(1, 0)``."""
-  t = jnp.asarray(t, jnp.float32)
+  """``schedule.alpha_sigma(t)``, except that ``t <= 0`` means clean data: ``(1, 0)``; in ``t``'s precision."""
+  t = jnp.asarray(t, float_dtype(t))
   alpha_t, sigma_t = schedule.alpha_sigma(jnp.maximum(t, schedule.t_min))
   clean = t <= 0
   return jnp.where(clean, 1.0, alpha_t), jnp.where(clean, 0.0, sigma_t)
@@ -98,29 +102,30 @@ def check_grid(times, num_steps: int, *, ends_at_zero: bool, t_start: float | No
 
 
 def given_grid(schedule: Schedule, spacing: Spacing, num_steps: int, *, ends_at_zero: bool,
-               t_start: float | None = None) -> Array:
+               t_start: float | None = None, dtype: jnp.dtype = jnp.float32) -> Array:
   """The grid [num_steps + 1] given as data: the times of a grid file (``spacing`` a ``*.json`` path,
   :func:`grid_file.load_grid`) or ``spacing`` itself, checked by :func:`check_grid` and against the schedule's
   ``[t_min, t_max]`` (a final 0 aside). Traced times (a grid being optimised, :mod:`grid_search`) are checked
-  for their shape only.
+  for their shape only. Returned as ``dtype``.
   """
   times = grid_file.load_grid(spacing) if grid_file.is_grid_path(spacing) else spacing
   if isinstance(times, jax.core.Tracer):
     if times.shape != (num_steps + 1,):
       raise ValueError(f'a grid of {num_steps} steps has shape ({num_steps + 1},), got {times.shape}.')
-    return jnp.asarray(times, jnp.float32)
+    return jnp.asarray(times, dtype)
   ts = check_grid(times, num_steps, ends_at_zero=ends_at_zero, t_start=t_start)
   inner = ts[:-1] if ts[-1] == 0 else ts
   lo, hi = np.float32(schedule.t_min), np.float32(schedule.t_max)
   if np.any(inner < lo * (1 - 1e-6)) or np.any(inner > hi * (1 + 1e-6)):
     raise ValueError(f'grid times {ts.tolist()} leave the schedule\'s [t_min, t_max] = [{schedule.t_min}, '
                      f'{schedule.t_max}] (only a final 0, the clean sentinel, may lie below t_min).')
-  return jnp.asarray(ts, jnp.float32)
+  return jnp.asarray(ts, dtype)
 
 
 def time_grid(schedule: Schedule, num_steps: int, spacing: Spacing = 'trailing', *, t_start: float | None = None,
-              t_end: float | None = None, rho: float | None = None, convention: str = 'ddim') -> Array:
-  """Descending model-evaluation times [num_steps] followed by the clean sentinel 0: [num_steps + 1].
+              t_end: float | None = None, rho: float | None = None, convention: str = 'ddim',
+              dtype: jnp.dtype = jnp.float32) -> Array:
+  """Descending model-evaluation times [num_steps] followed by the clean sentinel 0: [num_steps + 1], ``dtype``.
 
   ``convention`` says which diffusers schedulers the names ``'linspace'`` and ``'leading'`` follow; the two
   families of diffusers disagree:
@@ -149,21 +154,22 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: Spacing = 'trailing',
   if is_given(spacing):
     if t_end is not None:
       raise ValueError('t_end does not apply to a grid given as data: its times are the grid.')
-    return given_grid(schedule, spacing, num_steps, ends_at_zero=True, t_start=t_start)
+    return given_grid(schedule, spacing, num_steps, ends_at_zero=True, t_start=t_start, dtype=dtype)
   if spacing not in SPACINGS:
     raise ValueError(f'Unknown spacing {spacing!r}; choose one of {SPACINGS}, a grid file (*.json) or the times.')
   if convention not in CONVENTIONS:
     raise ValueError(f'Unknown grid convention {convention!r}; choose one of {CONVENTIONS}.')
   if convention == 'multistep' and spacing in ('linspace', 'leading'):
     if isinstance(schedule, DiscreteSchedule):
-      return _diffusers_multistep_grid(schedule, num_steps, spacing, t_start)
-    return time_grid(schedule, num_steps + 1, spacing, t_start=t_start, t_end=t_end).at[-2].set(0.0)[:-1]
+      return _diffusers_multistep_grid(schedule, num_steps, spacing, t_start, dtype)
+    return time_grid(schedule, num_steps + 1, spacing, t_start=t_start, t_end=t_end,
+                     dtype=dtype).at[-2].set(0.0)[:-1]
   if t_end is not None and t_end < schedule.t_min:
     raise ValueError(f't_end={t_end} lies below the schedule\'s t_min={schedule.t_min}; the model is only '
                      'defined from t_min on (the final step to t = 0 is the jump to the x0-prediction).')
   t_start = schedule.t_max if t_start is None else t_start
   t_end = schedule.t_min if t_end is None else t_end
-  i = jnp.arange(num_steps, dtype=jnp.float32)
+  i = jnp.arange(num_steps, dtype=dtype)
   discrete = isinstance(schedule, DiscreteSchedule)
   if discrete and spacing in ('trailing', 'leading', 'linspace'):
     knots = round(t_start * schedule.num_timesteps)
@@ -178,10 +184,10 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: Spacing = 'trailing',
     big_t = round(t_start * schedule.num_timesteps)
     ts = ((num_steps - 1 - i) * (big_t // num_steps) + 1) / schedule.num_timesteps
   elif spacing == 'linspace':
-    ts = jnp.linspace(t_start, t_end, num_steps, dtype=jnp.float32)
+    ts = jnp.linspace(t_start, t_end, num_steps, dtype=dtype)
   else:
-    lam_start = schedule.log_snr(jnp.float32(t_start))
-    lam_end = schedule.log_snr(jnp.float32(t_end))
+    lam_start = schedule.log_snr(jnp.asarray(t_start, dtype))
+    lam_end = schedule.log_snr(jnp.asarray(t_end, dtype))
     if spacing == 'log_snr':
       lam = lam_start + (lam_end - lam_start) * i / max(num_steps - 1, 1)
     else:
@@ -193,11 +199,11 @@ def time_grid(schedule: Schedule, num_steps: int, spacing: Spacing = 'trailing',
     ts = schedule.t_from_log_snr(lam).at[0].set(t_start).at[-1].set(t_end)
   if discrete and spacing in ('trailing', 'linspace'):
     ts = jnp.round(ts * schedule.num_timesteps) / schedule.num_timesteps
-  return jnp.append(ts, jnp.zeros((1,), jnp.float32))
+  return jnp.append(ts, jnp.zeros((1,), dtype))
 
 
-def _diffusers_multistep_grid(schedule: DiscreteSchedule, num_steps: int, spacing: str,
-                              t_start: float | None) -> Array:
+def _diffusers_multistep_grid(schedule: DiscreteSchedule, num_steps: int, spacing: str, t_start: float | None,
+                              dtype: jnp.dtype) -> Array:
   """``set_timesteps`` of diffusers' multistep schedulers for ``'linspace'`` / ``'leading'`` (``steps_offset = 0``),
   as times ``(n + 1) / T`` of the integer timesteps ``n``, then the clean sentinel: [num_steps + 1]."""
   big_t = round((schedule.t_max if t_start is None else t_start) * schedule.num_timesteps)
@@ -209,11 +215,11 @@ def _diffusers_multistep_grid(schedule: DiscreteSchedule, num_steps: int, spacin
   else:
     n = (np.arange(0, num_steps + 1) * (big_t // (num_steps + 1))).round()[::-1][:-1]
   ts = (n.astype(np.int64) + 1) / schedule.num_timesteps
-  return jnp.asarray(np.append(ts, 0.0), jnp.float32)
+  return jnp.asarray(np.append(ts, 0.0), dtype)
 
 
 def solver_grid(schedule: Schedule, num_steps: int, spacing: Spacing, *, denoise_to_zero: bool,
-                t_start: float | None = None, convention: str = 'multistep') -> Array:
+                t_start: float | None = None, convention: str = 'multistep', dtype: jnp.dtype = jnp.float32) -> Array:
   """The grid [num_steps + 1] of a solver that makes ``num_steps`` steps, the last to ``0`` or to ``t_min``.
 
   ``denoise_to_zero=True``: :func:`time_grid` itself; the last step, to the clean sentinel, is the jump to the
@@ -225,13 +231,13 @@ def solver_grid(schedule: Schedule, num_steps: int, spacing: Spacing, *, denoise
   otherwise.
   """
   if is_given(spacing):
-    return given_grid(schedule, spacing, num_steps, ends_at_zero=denoise_to_zero, t_start=t_start)
+    return given_grid(schedule, spacing, num_steps, ends_at_zero=denoise_to_zero, t_start=t_start, dtype=dtype)
   if denoise_to_zero:
-    return time_grid(schedule, num_steps, spacing, t_start=t_start, convention=convention)
+    return time_grid(schedule, num_steps, spacing, t_start=t_start, convention=convention, dtype=dtype)
   ends_at_t_min = spacing in ('log_snr', 'karras') or (spacing == 'linspace' and convention == 'ddim')
   if ends_at_t_min:
-    return time_grid(schedule, num_steps + 1, spacing, t_start=t_start, convention=convention)[:-1]
-  ts = time_grid(schedule, num_steps, spacing, t_start=t_start, convention=convention)
+    return time_grid(schedule, num_steps + 1, spacing, t_start=t_start, convention=convention, dtype=dtype)[:-1]
+  ts = time_grid(schedule, num_steps, spacing, t_start=t_start, convention=convention, dtype=dtype)
   return ts.at[-1].set(schedule.t_min)
 
 
@@ -240,14 +246,14 @@ Step = Callable[[Array, object, Array, Array, Array], tuple[Array, object]]
 
 
 def initial_x(schedule: Schedule, rng: Array, shape: tuple[int, ...], x_T: Array | None) -> tuple[Array, Array]:
-  """The start ``x`` (``x_T`` if given, cast to float32 and shape-checked, else a prior draw) and the rng left
-  for the sampler's loop."""
+  """The start ``x`` (``x_T`` if given, shape-checked, in ``float_dtype(x_T)``, else a float32 prior
+  draw) and the rng left for the sampler's loop."""
   rng_init, rng_loop = jax.random.split(rng)
   if x_T is None:
     return schedule.prior_sample(rng_init, tuple(shape)), rng_loop
   if tuple(x_T.shape) != tuple(shape):
     raise ValueError(f'x_T has shape {x_T.shape}, expected {tuple(shape)}.')
-  return jnp.asarray(x_T, jnp.float32), rng_loop
+  return jnp.asarray(x_T, float_dtype(x_T)), rng_loop
 
 
 def run(step: Step, rng: Array, shape: Sequence[int], ts: Array, *, schedule: Schedule, nfe: Array | int,

@@ -45,7 +45,7 @@ def consistency_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, 
   def step(x, state, t_cur, t_next, key):
     x0, _ = denoiser(x, t_cur)
     alpha_s, sigma_s = base.alpha_sigma_clean(schedule, t_next)
-    return alpha_s * x0 + sigma_s * jax.random.normal(key, x.shape, jnp.float32), state
+    return alpha_s * x0 + sigma_s * jax.random.normal(key, x.shape, x.dtype), state
 
   return base.run(step, rng, shape, ts, schedule=schedule, nfe=num_steps, x_T=x_T, inpaint=inpaint,
                   return_trajectory=return_trajectory)

@@ -43,7 +43,7 @@ def ddim_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_ste
     t_start: start time (SDEdit); ``x_T`` must then be the noised input at ``t_start``.
   """
   schedule = denoiser.schedule
-  ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start)
+  ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start, dtype=base.float_dtype(x_T))
 
   def step(x, state, t_cur, t_next, key):
     x0, eps = denoiser(x, t_cur)
@@ -54,7 +54,7 @@ def ddim_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_ste
     direction = jnp.sqrt(jnp.maximum(jnp.square(sigma_s) - jnp.square(c), 0.0))
     x_next = alpha_s * x0 + direction * eps
     if eta > 0:
-      x_next = x_next + c * jax.random.normal(key, x.shape, jnp.float32)
+      x_next = x_next + c * jax.random.normal(key, x.shape, x.dtype)
     return x_next, state
 
   return base.run(step, rng, shape, ts, schedule=schedule, nfe=num_steps, x_T=x_T, inpaint=inpaint,

@@ -92,7 +92,8 @@ def _multistep_in_rho(denoiser: Denoiser, rng: Array, shape: Sequence[int], ts: 
     x_next = jax.lax.switch(table[i] - 1, [of_order(k) for k in range(1, max_order + 1)], None)
     return x_next, (i + 1, eps_all[:max_order - 1], u_all[:max_order - 1])
 
-  state = (jnp.int32(0), jnp.zeros((max_order - 1, *shape), jnp.float32), jnp.zeros((max_order - 1,), jnp.float32))
+  dtype = ts.dtype  # the grid's precision is the sampler's (base.float_dtype of x_T)
+  state = (jnp.int32(0), jnp.zeros((max_order - 1, *shape), dtype), jnp.zeros((max_order - 1,), dtype))
   return base.run(step, rng, shape, ts, schedule=denoiser.schedule, nfe=len(orders), state=state, x_T=x_T,
                   inpaint=inpaint, return_trajectory=return_trajectory)
 
@@ -120,7 +121,8 @@ def deis_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_ste
   """
   if order not in (1, 2, 3):
     raise ValueError(f'order={order} is not available for DEIS; choose 1, 2 or 3.')
-  ts = base.solver_grid(denoiser.schedule, num_steps, spacing, denoise_to_zero=denoise_to_zero, t_start=t_start)
+  ts = base.solver_grid(denoiser.schedule, num_steps, spacing, denoise_to_zero=denoise_to_zero, t_start=t_start,
+                        dtype=base.float_dtype(x_T))
   orders = dpm_solver.multistep_orders(num_steps, order, lower_order_final=lower_order_final,
                                        denoise_to_zero=denoise_to_zero)
   weights = lambda k, rho_s, rho_t, log_rhos: deis_coefficients(rho_s, rho_t, log_rhos)
@@ -148,7 +150,8 @@ def ipndm_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_st
   """
   if order not in (1, 2, 3, 4):
     raise ValueError(f'order={order} is not available for iPNDM; choose 1 to 4.')
-  ts = base.time_grid(denoiser.schedule, num_steps, spacing, t_start=t_start, convention='multistep')
+  ts = base.time_grid(denoiser.schedule, num_steps, spacing, t_start=t_start, convention='multistep',
+                      dtype=base.float_dtype(x_T))
   i = np.arange(num_steps)
   orders = np.minimum(order, i + 1)
   if lower_order_final:

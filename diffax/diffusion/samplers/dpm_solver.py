@@ -111,7 +111,8 @@ def dpm_solver_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, n
   max_order = {'multistep': 3, 'singlestep': 2, 'sde': 2}[method]
   if order not in range(1, max_order + 1):
     raise ValueError(f'order={order} is not available for method={method!r}; choose 1 to {max_order}.')
-  ts = base.solver_grid(schedule, num_steps, spacing, denoise_to_zero=denoise_to_zero, t_start=t_start)
+  dtype = base.float_dtype(x_T)
+  ts = base.solver_grid(schedule, num_steps, spacing, denoise_to_zero=denoise_to_zero, t_start=t_start, dtype=dtype)
 
   if method == 'singlestep':
     step, state = _singlestep(denoiser, schedule, order), None
@@ -121,7 +122,7 @@ def dpm_solver_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, n
                                           denoise_to_zero=denoise_to_zero))
     step = (_sde if method == 'sde' else _multistep)(denoiser, schedule, order, orders)
     # (step index, x0-predictions [order - 1, *shape] and lambdas [order - 1] of the previous points).
-    state = (jnp.int32(0), jnp.zeros((order - 1, *shape), jnp.float32), jnp.zeros((order - 1,), jnp.float32))
+    state = (jnp.int32(0), jnp.zeros((order - 1, *shape), dtype), jnp.zeros((order - 1,), dtype))
     nfe = num_steps
   return base.run(step, rng, shape, ts, schedule=schedule, nfe=nfe, state=state, x_T=x_T, inpaint=inpaint,
                   return_trajectory=return_trajectory)
@@ -179,7 +180,7 @@ def _sde(denoiser: Denoiser, schedule: Schedule, order: int, orders: Array) -> b
     if order == 2:
       r = (lam_s - lam_prev[0]) / h
       d = jnp.where(orders[i] == 2, m0 + (0.5 / r) * (m0 - m_prev[0]), m0)
-    noise = jax.random.normal(key, x.shape, jnp.float32)
+    noise = jax.random.normal(key, x.shape, x.dtype)
     x_next = (sigma_t / sigma_s * jnp.exp(-h)) * x + (alpha_t * one_minus) * d
     x_next = x_next + (sigma_t * jnp.sqrt(one_minus)) * noise
     m_prev = jnp.concatenate([m0[None], m_prev], axis=0)[:order - 1]

@@ -72,7 +72,7 @@ def edm_heun_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num
     t_end: the last noise level before the final x0-prediction (default ``schedule.t_min``).
   """
   schedule = denoiser.schedule
-  ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start, t_end=t_end)
+  ts = base.time_grid(schedule, num_steps, spacing, t_start=t_start, t_end=t_end, dtype=base.float_dtype(x_T))
   gamma_max = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
 
   def sigma_ve(t):
@@ -93,7 +93,7 @@ def edm_heun_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num
       alpha_hat, sigma_hat = jnp.where(churn, alpha_up, alpha_cur), jnp.where(churn, sigma_up, sigma_cur)
       # Selected, not computed: two roundings of one level differ by an ulp, whose square root is not small.
       noise_var = jnp.where(churn, jnp.square(sigma_up) - jnp.square(sigma_cur), 0.0)
-      x_ve = x_ve + s_noise * jnp.sqrt(jnp.maximum(noise_var, 0.0)) * jax.random.normal(key, x.shape, jnp.float32)
+      x_ve = x_ve + s_noise * jnp.sqrt(jnp.maximum(noise_var, 0.0)) * jax.random.normal(key, x.shape, x.dtype)
     _, d_cur = denoiser(alpha_hat * x_ve, t_hat)
     x_euler = x_ve + (sigma_next - sigma_hat) * d_cur
 

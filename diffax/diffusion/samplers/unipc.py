@@ -85,7 +85,7 @@ def _update(x: Array, m0: Array, ms: Array, lams: Array, lam_s: Array, sigma_s: 
     rks.append(jnp.ones_like(h))
     diffs.append(m_t - m0)
   if num == 1:
-    a = jnp.full((1,), 0.5)
+    a = jnp.full((1,), 0.5, h.dtype)
   else:
     a = unipc_coefficients(jnp.stack(rks), h, variant, num)
   b_h = -h if variant == 'bh1' else jnp.expm1(-h)
@@ -145,7 +145,8 @@ def unipc_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_st
     raise ValueError(f'order={order} is not available; choose 1, 2 or 3.')
   if final_corrector and not corrector:
     raise ValueError('final_corrector=True needs corrector=True.')
-  ts = base.solver_grid(schedule, num_steps, spacing, denoise_to_zero=denoise_to_zero, t_start=t_start)
+  dtype = base.float_dtype(x_T)
+  ts = base.solver_grid(schedule, num_steps, spacing, denoise_to_zero=denoise_to_zero, t_start=t_start, dtype=dtype)
   p_orders, c_orders = unipc_plan(num_steps, order, corrector=corrector, final_corrector=final_corrector,
                                   lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero)
   if len(p_orders) > num_steps:
@@ -180,8 +181,8 @@ def unipc_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_st
 
   # (step index, earlier x0-predictions [order, *shape] (latest first) and their lambdas [order], the previous
   # step's start x_prev [*shape] and its sigma).
-  state = (jnp.int32(0), jnp.zeros((order, *shape), jnp.float32), jnp.zeros((order,), jnp.float32),
-           jnp.zeros(tuple(shape), jnp.float32), jnp.float32(1.0))
+  state = (jnp.int32(0), jnp.zeros((order, *shape), dtype), jnp.zeros((order,), dtype), jnp.zeros(tuple(shape), dtype),
+           jnp.ones((), dtype))
   nfe = len(p_orders) + int(reeval)
   return base.run(step, rng, shape, ts, schedule=schedule, nfe=nfe, state=state, x_T=x_T, inpaint=inpaint,
                   return_trajectory=return_trajectory)
