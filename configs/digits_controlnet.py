@@ -18,19 +18,14 @@ Expect the edge maps of the samples to lie much closer to the requested ones tha
 ``get_config('runlocal')`` shrinks it to a few steps (tests; pass ``--config.finetune.base_workdir``).
 """
 
-import importlib.util
 import pathlib
 
-
-def _digits_config(arg):
-  spec = importlib.util.spec_from_file_location('digits_config', pathlib.Path(__file__).with_name('digits.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from diffax.trainer import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = _digits_config(arg)  # the base's data, model and diffusion: the checkpoint must fit them
+  # the base's data, model and diffusion: the checkpoint must fit them
+  c = config_lib.load_file(pathlib.Path(__file__).with_name('digits.py'), arg)
   c.finetune.mode = 'controlnet'
   c.finetune.base_workdir = 'workdirs/digits'
   c.finetune.control.kind = 'edges'

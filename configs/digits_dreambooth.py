@@ -14,19 +14,14 @@ label: bold sevens; column 7 keeps the base's sevens (``experiments/finetune_dig
 ``get_config('runlocal')`` shrinks it to a few steps (tests; pass ``--config.finetune.base_workdir``).
 """
 
-import importlib.util
 import pathlib
 
-
-def _digits_config(arg):
-  spec = importlib.util.spec_from_file_location('digits_config', pathlib.Path(__file__).with_name('digits.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from diffax.trainer import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = _digits_config(arg)  # the base's model and diffusion: the checkpoint must fit them
+  # the base's model and diffusion: the checkpoint must fit them
+  c = config_lib.load_file(pathlib.Path(__file__).with_name('digits.py'), arg)
   c.data.style = 'bold'
   c.data.num_classes = 11  # the base's 10 classes and the instance label 10
   c.finetune.mode = 'full'  # the paper fine-tunes every layer

@@ -5,32 +5,28 @@ Commands (the base first; ``make run`` trains exactly it):
   python -m diffax.main --config configs/digits_lora.py --workdir workdirs/digits_lora
 
 The base's EMA weights are read from ``finetune.base_workdir`` (never written), frozen through optax, and rank-4
-adapters on the attention projections and the ResBlock convolutions (32 k of the base's 0.33 M parameters) train
+adapters on the attention projections and the ResBlock convolutions (23.6 k next to the base's 178 k) train
 for 400 steps on ``data.style='bold'`` (about 1 minute on 2 CPU cores). The adapters alone are written to
 ``workdirs/digits_lora/adapters/lora.npz`` (+ ``.json``) at every checkpoint. Expect the samples' mean ink to
 move most of the way from the scanned digits' towards the bold digits' while the digits classifier still
 recognises the class (``experiments/finetune_digits.py`` measures both; see experiments/results/finetune_digits.md).
 
-Sample the base with one or several adapters at chosen weights (any run of the digits model, e.g. the base):
-  python -m diffax.main --config configs/digits.py --workdir workdirs/digits_lora --mode sample \\
+Sample the base with one or several adapters merged at chosen weights (the samples go to that workdir's
+``samples/``; the LoRA run itself samples with its own adapters, plus any given here):
+  python -m diffax.main --config configs/digits.py --workdir workdirs/digits --mode sample \\
       --config.finetune.adapters="('workdirs/digits_lora/adapters/lora.npz:0.5',)"
 
 ``get_config('runlocal')`` shrinks it to a few steps (tests; pass ``--config.finetune.base_workdir``).
 """
 
-import importlib.util
 import pathlib
 
-
-def _digits_config(arg):
-  spec = importlib.util.spec_from_file_location('digits_config', pathlib.Path(__file__).with_name('digits.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from diffax.trainer import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = _digits_config(arg)  # the base's data, model and diffusion: the checkpoint must fit them
+  # the base's data, model and diffusion: the checkpoint must fit them
+  c = config_lib.load_file(pathlib.Path(__file__).with_name('digits.py'), arg)
   c.data.style = 'bold'
   c.finetune.mode = 'lora'
   c.finetune.base_workdir = 'workdirs/digits'

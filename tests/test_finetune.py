@@ -13,6 +13,7 @@ import pytest
 from diffax.data import load_digits
 from diffax.models import lora
 from diffax.trainer import components, config as config_lib, finetune, optim, restore, sharding, train_state, train_step
+from diffax.trainer.objective import Objective
 import trainer_runs
 
 
@@ -51,7 +52,7 @@ def _run(config, tuning: finetune.FineTuning, steps: int):
   state = train_state.create(lambda rng: tuning.init_params(rng, base_init), optimizer, seed=0, num_ema=1,
                              shardings=shardings)
   state = tuning.start(state)
-  step = jax.jit(train_step.make_train_step(loss_fn, optimizer, ema_decays=(0.9,), ema_warmup=False,
+  step = jax.jit(train_step.make_train_step(Objective.of_loss(loss_fn), optimizer, ema_decays=(0.9,), ema_warmup=False,
                                             edges=train_step.log_snr_edges(schedule, 2)))
   images, labels = load_digits('train')
   x = -(images[:16].astype(np.float32) / 127.5 - 1.0)  # inverted digits: white on black becomes black on white

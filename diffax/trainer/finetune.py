@@ -319,10 +319,9 @@ def from_config(config, exp) -> Tuning:
   if f.mode not in ('', *MODES):
     raise ConfigError('finetune.mode', f'{f.mode!r} is not one of {("", *MODES)}.')
   if not f.mode:
-    for key in ('base_workdir', 'dreambooth.class_label'):
-      if f.base_workdir if key == 'base_workdir' else f.dreambooth.class_label >= 0:
-        raise ConfigError('finetune.mode', f'finetune.{key} is set but finetune.mode is \'\' (train from '
-                          f'scratch); choose one of {MODES}.')
+    if f.base_workdir or f.dreambooth.class_label >= 0:
+      raise ConfigError('finetune.mode', f'finetune.base_workdir or finetune.dreambooth is set but finetune.mode is '
+                        f'\'\' (train from scratch); choose one of {MODES}.')
     return Tuning(exp.model, inputs, adapters=adapters)
   if not f.base_workdir or not restore.checkpoint_steps(f.base_workdir):
     raise ConfigError('finetune.base_workdir', f'{f.base_workdir!r} holds no checkpoints (DIR/checkpoints/<step>); '
