@@ -1,5 +1,5 @@
 """Optimised time grids (``grid_search.optimize_grid``) on the exact ring mixture, and grids stored as data: the
-JSON file format, the samplers' ``spacing=`` for times and files."""
+JSON file format, the samplers' ``spacing=`` for times and files, and ``sample.spacing`` in a trainer config."""
 
 import functools
 import json
@@ -11,6 +11,8 @@ import pytest
 from diffax.diffusion import schedules
 from diffax.diffusion.samplers import base, ddim, dpm_solver, grid_file, grid_search, unipc
 from diffax.testing import mixtures
+from diffax.trainer import components
+from diffax.trainer import config as config_lib
 
 RING = mixtures.ring_mixture()
 LINEAR = schedules.LinearSchedule()
@@ -121,3 +123,22 @@ def test_a_given_grid_must_fit_the_sampler(tmp_path):
   ref = ddim.ddim_sample(DENOISER, jax.random.PRNGKey(0), shape, num_steps=2, spacing=np.array([1.0, 0.5, 0.0]))
   np.testing.assert_array_equal(out.samples, ref.samples)
 
+
+def test_trainer_config_takes_a_grid_file(tmp_path):
+  """``sample.spacing`` names the file; the kwargs that run (and are recorded) hold its path, and a file that is
+  unreadable or does not fit ``sample.num_steps`` is a ConfigError naming the key."""
+  path = _write(tmp_path / 'two.json')
+  c = config_lib.default_config()
+  c.sample.sampler, c.sample.num_steps, c.sample.spacing = 'dpm_solver', 2, path
+  assert components.sampler_kwargs(c)['spacing'] == path
+  c.sample.num_steps = 3
+  with pytest.raises(config_lib.ConfigError, match='sample.spacing: .*set num_steps=2'):
+    components.sampler_kwargs(c)
+  c.sample.num_steps, c.sample.spacing = 2, str(tmp_path / 'missing.json')
+  with pytest.raises(config_lib.ConfigError, match='sample.spacing: .*no such file'):
+    components.sampler_kwargs(c)
+  c.sample.spacing, c.sample.sampler = path, 'unipc'  # UniPC stops at t_min by default
+  with pytest.raises(config_lib.ConfigError, match='set denoise_to_zero=True'):
+    components.sampler_kwargs(c)
+  c.sample.kwargs.denoise_to_zero = True
+  assert components.sampler_kwargs(c)['denoise_to_zero'] is True
