@@ -24,6 +24,12 @@ Tuned by measurement on this 2-core CPU (1,000 samples each, DPM-Solver++(2M) 25
 v-prediction keeps x0 = alpha_t x_t - sigma_t v bounded at high noise, where an eps model's x0 = (x_t - sigma_t
 eps) / alpha_t amplifies its errors by 1 / alpha_t; guidance 1.5 buys the accuracy for a little diversity.
 ``get_config('runlocal')`` shrinks everything to a few steps (a CPU smoke run, as the other configs' ``runlocal``).
+
+``get_config('flow')`` (``--config configs/digits.py:flow``; ``flow,runlocal`` shrinks it) trains rectified flow
+instead: the linear interpolant (``rectified_flow``), velocity prediction and the conditional flow-matching loss with
+t ~ U(0, 1), sampled with 25 flow Euler steps; model, optimizer, steps and guidance as above. Measured by
+``experiments/flow_digits.py`` (``experiments/results/flow_digits.md``, 1,000 samples): digits_accuracy 0.997 and
+digits_fd 8.4 at 25 NFE, next to 0.993 / 7.8 for this default with DPM-Solver++ at equal steps.
 """
 
 from diffax.trainer import config as config_lib

@@ -41,3 +41,16 @@ def test_bench_vs_torch_diffax_worker_times_the_digits_layout():
   assert info['params'] == sum(leaf.size for leaf in jax.tree.leaves(abstract))
   for reply in (forward, train):
     assert reply['calls'] >= 2 and reply['seconds'] > 0 and reply['cpu_seconds'] > 0
+
+
+def test_flow_digits_experiment_runs(tmp_path):
+  """experiments/flow_digits.py on the configs' runlocal variants: both models train through the real main and every
+  sampler row of the table carries finite metrics."""
+  out = tmp_path / 'table.md'
+  proc = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'flow_digits.py'), '--runlocal', '--steps', '2',
+                         '--samples', '16', '--nfe', '2', '--root', str(tmp_path / 'runs'), '--out', str(out)],
+                        capture_output=True, text=True, timeout=900, check=False, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line for line in out.read_text().splitlines() if line.startswith(('| v-prediction', '| flow'))]
+  assert len(rows) == 2 + 5  # two training rows, then the default's 2 samplers and the flow model's 3
+  assert 'nan' not in out.read_text().lower()
