@@ -132,3 +132,35 @@ def test_a_teacher_without_checkpoints_is_a_named_error(tmp_path):
   exp = experiment.Experiment(_config('consistency', empty), tmp_path / 'student')
   with pytest.raises(restore.RestoreError, match='distill.teacher_workdir'):
     exp.restore_or_init()
+
+
+def test_progressive_guides_the_first_teacher_only(tmp_path):
+  """Round 1 learns the guided teacher (w = 1.5); round 2 learns the previous student unguided, since its guidance
+  is built in. Checked against the library loss with the same teacher, on a network whose null-label output
+  differs, so guiding or not changes the target."""
+  from diffax.diffusion import distillation
+  from diffax.trainer import components, distill
+  c = _config('progressive', tmp_path)  # runlocal: 2 rounds of 2 steps, 8 -> 4 -> 2
+  schedule = components.build_schedule(c)
+
+  def net(params, x, t, cond, *, train, rngs):
+    del t, train, rngs
+    null = (cond == c.data.num_classes).astype(x.dtype)[:, None, None, None]
+    return params['w'] * x + params['b'] * (1.0 - null) - 0.3 * null
+
+  objective = distill.build_objective(c, net, schedule, sigma_data=0.5, channels=1)
+  params = {'w': np.float32(0.2), 'b': np.float32(0.4)}
+  frozen = {'teacher': {'w': np.float32(0.5), 'b': np.float32(-0.2)}}
+  batch = {'x': np.asarray(jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 1))), 'cond': np.arange(6) % 10}
+  rng = jax.random.PRNGKey(1)
+  with jax.numpy_dtype_promotion('standard'):
+    for step, steps, w in ((0, 4, 1.5), (2, 2, 1.0)):
+      teacher = distillation.Teacher(net, frozen['teacher'], schedule, 'v', guidance_scale=w, null_label=10)
+      want, _ = distillation.progressive_distillation_loss(net, teacher=teacher, num_student_steps=steps)(
+          params, batch, rng)
+      got, _ = jax.jit(lambda s: objective.loss_at(s, frozen, ())(params, batch, rng))(np.int32(step))
+      np.testing.assert_allclose(got, want, rtol=1e-6)
+      other = distillation.Teacher(net, frozen['teacher'], schedule, 'v', guidance_scale=2.5 - w, null_label=10)
+      wrong, _ = distillation.progressive_distillation_loss(net, teacher=other, num_student_steps=steps)(
+          params, batch, rng)
+      assert abs(float(wrong) - float(got)) > 1e-3 * abs(float(got))

@@ -9,7 +9,8 @@ kept in ``TrainState.frozen``, so a resumed run needs nothing but its own checkp
   ``distill.teacher_steps`` DDIM steps; each of the ``log2(teacher_steps / sample.num_steps)`` rounds takes an equal
   share of ``train.num_steps`` and ends with the teacher replaced by the student (Algorithm 2's ``eta <- theta``),
   so one run goes from ``teacher_steps`` to ``sample.num_steps``. The student is sampled by DDIM on the
-  ``'trailing'`` grid it was trained on.
+  ``'trailing'`` grid it was trained on. Guidance is distilled in the first round only (Meng et al. 2023's two
+  stages in one run): later teachers are students with the guidance already in them.
 * ``'consistency_distillation'`` (CM Algorithm 2): a Heun / Euler step of the teacher's probability-flow ODE on a
   Karras grid of ``distill.num_scales``; target network ``theta-`` is the EMA copy ``distill.target_ema_decay`` of
   ``train.ema_decays`` (CM: 0.95 beside a sampling EMA) or ``stopgrad(theta)`` when it is 0.
@@ -148,9 +149,9 @@ def build_objective(config: ml_collections.ConfigDict, apply_fn: losses.ApplyFn,
     return restore.restore_ema_params(d.teacher_workdir, abstract_params, ema_index=d.teacher_ema_index,
                                       step=d.teacher_step, key='distill.teacher_workdir')
 
-  def teacher(params: Params) -> distillation.Teacher:
+  def teacher(params: Params, guidance_scale: float = d.guidance_scale) -> distillation.Teacher:
     return distillation.Teacher(net, params, schedule, prediction, sigma_data=sigma_data,
-                                guidance_scale=d.guidance_scale, null_label=config.data.num_classes or None)
+                                guidance_scale=guidance_scale, null_label=config.data.num_classes or None)
 
   def target(ema_params: tuple[Params, ...]) -> Params | None:
     return ema_params[tuple(config.train.ema_decays).index(d.target_ema_decay)] if d.target_ema_decay else None
@@ -162,11 +163,17 @@ def build_objective(config: ml_collections.ConfigDict, apply_fn: losses.ApplyFn,
     per_round = -(-config.train.num_steps // rounds)
 
     def loss_at(step, frozen, ema_params):
+      """Round 1 learns the guided teacher; later rounds learn the previous student, whose guidance is built in
+      (guiding it again would compound ``w`` and query a null label it was never trained on)."""
       del ema_params
       round_index = jnp.minimum(step // per_round, rounds - 1)
       num_student_steps = jnp.right_shift(jnp.int32(d.teacher_steps), round_index + 1)
-      return distillation.progressive_distillation_loss(net, teacher=teacher(frozen['teacher']), prediction=prediction,
-                                                        num_student_steps=num_student_steps, sigma_data=sigma_data)
+      losses_by_guidance = [distillation.progressive_distillation_loss(
+          net, teacher=teacher(frozen['teacher'], w), prediction=prediction, num_student_steps=num_student_steps,
+          sigma_data=sigma_data) for w in (d.guidance_scale, 1.0)]
+      if d.guidance_scale == 1.0:
+        return losses_by_guidance[0]
+      return lambda params, batch, rng: jax.lax.cond(round_index == 0, *losses_by_guidance, params, batch, rng)
 
     def update_frozen(step, params, frozen):
       round_end = (step % per_round == 0) & (step < rounds * per_round)  # Algorithm 2: eta <- theta
