@@ -2,7 +2,6 @@
 text encoder with the U-Net, writes the caption-agreement metrics to the eval JSON, and samples from prompts given
 on the command line; bad prompts and impossible text settings are ConfigErrors naming their key."""
 
-import importlib.util
 import json
 
 import flax.linen as nn
@@ -21,10 +20,7 @@ PROMPTS = ('a thin seven', 'a bold zero leaning left', 'a one')
 
 
 def text_config():
-  spec = importlib.util.spec_from_file_location('digits_text_config', trainer_runs.REPO / 'configs' / 'digits_text.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('runlocal')
+  return config_lib.load_file(trainer_runs.REPO / 'configs' / 'digits_text.py', 'runlocal')
 
 
 @pytest.fixture(scope='module')

@@ -123,6 +123,8 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=256,  # global generation batch
       inception_weights='',  # '' = $DIFFAX_INCEPTION_WEIGHTS
       reference_stats='',  # .npz with mu / sigma of the real data's Inception features
+      clip_weights='',  # metric 'clip_score': CLIP ViT-L/14 safetensors ('' = $DIFFAX_CLIP_WEIGHTS)
+      clip_tokenizer='',  # ... and its tokenizer.json ('' = $DIFFAX_CLIP_TOKENIZER)
       checkpoint_step=-1,  # -1 = latest
   )
   c.distill = distill.defaults()  # few-step students: see diffax.trainer.distill
@@ -221,7 +223,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'sample.sampler', {**samplers.SAMPLERS, **samplers.DEPRECATED_NAMES})
   samplers.canonical_name(config.sample.sampler)  # warns about a deprecated name
   _choice(config, 'finetune.mode', ('', 'full', 'subtrees', 'lora', 'controlnet'))
-  _choice(config, 'eval.metric', ('digits', 'captions', 'inception', 'moving_digits', 'tones', ''))
+  _choice(config, 'eval.metric', ('digits', 'captions', 'clip_score', 'inception', 'moving_digits', 'tones', ''))
   _positive(config, 'optim.learning_rate', 'optim.grad_accum_steps', 'train.num_steps', 'train.batch_size',
             'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints', 'train.loss_buckets',
             'sample.num_samples', 'eval.batch_size', 'eval.num_samples',

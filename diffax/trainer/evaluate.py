@@ -10,6 +10,7 @@ N / num_classes samples), and writes the metrics through the CLU writers and to
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -20,9 +21,12 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 
 from diffax.trainer import components, config as config_lib, console, sharding
+from diffax.data import captions
 from diffax.data.pipeline import make_iterator
 from diffax.diffusion import samplers
-from diffax.evaluation import caption_agreement, evaluators, moving_digits, stats, tones
+from diffax.evaluation import caption_agreement, clip_evaluator, clip_score, evaluators, moving_digits, stats, tones
+from diffax.models import text as text_models
+from diffax.models.convert import clip as convert_clip
 from diffax.trainer.experiment import Experiment
 
 
@@ -36,6 +40,8 @@ def make_evaluator(config: ml_collections.ConfigDict) -> evaluators.Evaluator:
     return evaluators.DigitsEvaluator()
   if config.eval.metric == 'captions':
     return caption_agreement.CaptionAgreementEvaluator()
+  if config.eval.metric == 'clip_score':
+    return _clip_score_evaluator(config)
   if config.eval.metric == 'inception':
     return evaluators.InceptionEvaluator(weights_path=config.eval.inception_weights or None,
                                          reference_stats=config.eval.reference_stats or None)
@@ -46,8 +52,26 @@ def make_evaluator(config: ml_collections.ConfigDict) -> evaluators.Evaluator:
     return moving_digits.MovingDigitsEvaluator(num_frames=config.data.num_frames or 16)
   if config.eval.metric == 'tones':
     return tones.TonesEvaluator(length=config.data.length or 1024)
-  raise config_lib.ConfigError('eval.metric', 'no metric configured; choose digits, captions, inception, '
-                               'moving_digits or tones.')
+  raise config_lib.ConfigError('eval.metric', 'no metric configured; choose digits, captions, clip_score, '
+                               'inception, moving_digits or tones.')
+
+
+def _clip_score_evaluator(config: ml_collections.ConfigDict) -> clip_evaluator.ClipScoreEvaluator:
+  """CLIP ViT-L/14's score of a text model's samples against the held-out captions they were drawn for."""
+  if not config.model.text_encoder:
+    raise config_lib.ConfigError('eval.metric', "'clip_score' judges a text model's samples against their prompts: "
+                                 'set model.text_encoder.')
+  model, params = clip_score.load_clip(config.eval.clip_weights or None)
+  tokenizer = text_models.CLIPTokenizer(config.eval.clip_tokenizer or None,
+                                        context_length=model.text_model.context_length)
+  files = (config.eval.clip_weights or os.environ[convert_clip.ENV_VAR],
+           config.eval.clip_tokenizer or os.environ[text_models.TOKENIZER_ENV_VAR])
+  return clip_evaluator.ClipScoreEvaluator(model, params, tokenizer, caption_texts, files=files)
+
+
+def caption_texts(said: np.ndarray) -> list[str]:
+  """What held-out captions say, [B, 3] (digit, thickness bin, slant bin) -> their texts."""
+  return [captions.caption(*(int(v) for v in row)) for row in said]
 
 
 def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Evaluator, *, num_samples: int,
