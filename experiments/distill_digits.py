@@ -15,39 +15,24 @@ digits_accuracy >= 0.9.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from diffax.evaluation import evaluators
-from diffax.trainer import components, restore
+
+import digits_runs  # experiments/, this script's directory, is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STUDENTS = {  # variant of configs/digits_distill.py -> the sampler steps it is evaluated at
     'progressive': (4,), 'progressive_1': (1,), 'consistency': (1, 2, 4), 'ict': (1, 2)}
 TEACHER_ROWS = (('dpm_solver', 25, ''), ('ddim', 4, 'trailing'), ('dpm_solver', 4, ''), ('ddim', 1, 'trailing'))
-
-
-def load_config(name: str, arg: str | None):
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def children_cpu_minutes() -> float:
-  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return (usage.ru_utime + usage.ru_stime) / 60
 
 
 def train_student(variant: str, teacher: pathlib.Path, workdir: pathlib.Path, steps: int) -> tuple[float, float]:
@@ -64,35 +49,13 @@ def train_student(variant: str, teacher: pathlib.Path, workdir: pathlib.Path, st
              f'--workdir={workdir}', f'--config.distill.teacher_workdir={teacher}', '--config.train.eval_every=0',
              *([f'--config.train.num_steps={steps}', f'--config.train.checkpoint_every={steps}',
                f'--config.optim.warmup_steps={min(20, steps)}'] if steps else [])]
-  cpu, wall = children_cpu_minutes(), time.perf_counter()
+  cpu, wall = digits_runs.children_cpu_minutes(), time.perf_counter()
   proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
   if proc.returncode:
     raise RuntimeError(f'training {variant} failed:\n{proc.stderr[-4000:]}')
-  cost = (children_cpu_minutes() - cpu, (time.perf_counter() - wall) / 60)
+  cost = (digits_runs.children_cpu_minutes() - cpu, (time.perf_counter() - wall) / 60)
   cost_file.write_text(json.dumps(cost))
   return cost
-
-
-def evaluate(config, workdir: pathlib.Path, num_samples: int, evaluator: evaluators.DigitsEvaluator) -> dict:
-  """digits metrics of ``num_samples`` samples of the run's EMA weights with the config's sampler settings."""
-  batch_size = min(100, num_samples)
-  model = components.build_model(config)
-  schedule = components.build_schedule(config)
-  generate = components.build_generate(config, model, schedule, channels=1)
-  x, t, cond = jnp.zeros((1, 8, 8, 1)), jnp.ones((1,)), jnp.zeros((1,), jnp.int32)
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), x, t, cond, train=False)))
-  params = restore.restore_ema_params(str(workdir), abstract['params'], ema_index=components.ema_index(config),
-                                      key='--workdir')
-  run = jax.jit(lambda p, rng, labels: generate(p, rng, labels, (batch_size, 8, 8, 1)))
-  evaluator.reset()
-  cpu = time.process_time()
-  nfe = 0
-  for b in range(-(-num_samples // batch_size)):
-    labels = jnp.arange(b * batch_size, (b + 1) * batch_size, dtype=jnp.int32) % config.data.num_classes
-    out = run(params, jax.random.fold_in(jax.random.PRNGKey(config.sample.seed + 1), b), labels)
-    evaluator.update(out.samples, labels)
-    nfe = int(out.nfe)
-  return {**evaluator.result(), 'nfe': nfe, 'cpu_min': (time.process_time() - cpu) / 60}
 
 
 def table(rows: list[tuple], costs: dict, args) -> str:
@@ -142,16 +105,16 @@ def main():
   rows = []
   with jax.numpy_dtype_promotion('standard'):
     for sampler, steps, spacing in TEACHER_ROWS:
-      config = load_config('digits', None)
+      config = digits_runs.load_config('digits', None)
       config.sample.update(sampler=sampler, num_steps=steps, spacing=spacing)
-      rows.append(('teacher', sampler, evaluate(config, teacher, args.samples, evaluator)))
+      rows.append(('teacher', sampler, digits_runs.evaluate(config, teacher, args.samples, evaluator)))
       print(rows[-1], flush=True)
     for variant in args.students.split(','):
       for steps in STUDENTS[variant]:
-        config = load_config('digits_distill', variant)
+        config = digits_runs.load_config('digits_distill', variant)
         config.distill.teacher_workdir = str(teacher)
         config.sample.num_steps = steps
-        rows.append((variant, config.sample.sampler, evaluate(config, root / variant, args.samples, evaluator)))
+        rows.append((variant, config.sample.sampler, digits_runs.evaluate(config, root / variant, args.samples, evaluator)))
         print(rows[-1], flush=True)
   text = table(rows, costs, args)
   print(text)

@@ -18,20 +18,18 @@ the metric at this sample size). ``--reuse`` evaluates finished runs under ``--r
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from diffax.evaluation import evaluators
-from diffax.trainer import components, restore
+from diffax.trainer import restore
+
+import digits_runs  # experiments/, this script's directory, is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = (('v-prediction (digits default)', ''), ('flow (digits:flow)', 'flow'))
@@ -39,19 +37,7 @@ SAMPLERS = {'': ('dpm_solver', 'flow_euler'), 'flow': ('flow_euler', 'flow_heun'
 
 
 def load_config(arg: str, **overrides):
-  spec = importlib.util.spec_from_file_location('digits_config', ROOT / 'configs' / 'digits.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  for key, value in overrides.items():
-    section, leaf = key.split('.')
-    config[section][leaf] = value
-  return config
-
-
-def children_cpu_seconds() -> float:
-  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return usage.ru_utime + usage.ru_stime
+  return digits_runs.load_config('digits', arg or None, **overrides)
 
 
 def train(arg: str, workdir: pathlib.Path, steps: int, *, reuse: bool) -> tuple[float, float] | None:
@@ -66,11 +52,11 @@ def train(arg: str, workdir: pathlib.Path, steps: int, *, reuse: bool) -> tuple[
   command = [sys.executable, '-m', 'diffax.main', f'--config={config}', f'--workdir={workdir}',
              f'--config.train.num_steps={steps}', '--config.train.eval_every=0',
              f'--config.train.checkpoint_every={steps}', f'--config.optim.warmup_steps={min(100, steps)}']
-  cpu, wall = children_cpu_seconds(), time.perf_counter()
+  cpu, wall = digits_runs.children_cpu_minutes(), time.perf_counter()
   proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
   if proc.returncode:
     raise RuntimeError(f'training {config} failed:\n{proc.stderr[-4000:]}')
-  return (children_cpu_seconds() - cpu) / 60, (time.perf_counter() - wall) / 60
+  return digits_runs.children_cpu_minutes() - cpu, (time.perf_counter() - wall) / 60
 
 
 def evaluate(arg: str, workdir: pathlib.Path, sampler: str, nfe: int, num_samples: int,
@@ -78,26 +64,8 @@ def evaluate(arg: str, workdir: pathlib.Path, sampler: str, nfe: int, num_sample
   """digits metrics of ``num_samples`` guided samples of the run's EMA weights with ``sampler`` at ``nfe``; the
   sampling seed is the trainer's evaluation seed (``sample.seed + 1``) plus ``seed``."""
   num_steps = (nfe + 1) // 2 if sampler == 'flow_heun' else nfe
-  batch_size = min(100, num_samples)
   config = load_config(arg, **{'sample.sampler': sampler, 'sample.num_steps': num_steps})
-  model = components.build_model(config)
-  schedule = components.build_schedule(config)
-  generate = components.build_generate(config, model, schedule, channels=1)
-  x, t, cond = jnp.zeros((1, 8, 8, 1)), jnp.ones((1,)), jnp.zeros((1,), jnp.int32)
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), x, t, cond, train=False)))
-  params = restore.restore_ema_params(str(workdir), abstract['params'], key='--workdir')
-  run = jax.jit(lambda p, rng, labels: generate(p, rng, labels, (batch_size, 8, 8, 1)))
-  evaluator.reset()
-  cpu, wall = time.process_time(), time.perf_counter()
-  used = 0
-  for b in range(-(-num_samples // batch_size)):
-    labels = jnp.arange(b * batch_size, (b + 1) * batch_size, dtype=jnp.int32) % config.data.num_classes
-    out = run(params, jax.random.fold_in(jax.random.PRNGKey(config.sample.seed + 1 + seed), b), labels)
-    evaluator.update(out.samples, labels)
-    used = int(out.nfe)
-  metrics = evaluator.result()
-  return {**metrics, 'nfe': used, 'cpu_min': (time.process_time() - cpu) / 60,
-          'wall_min': (time.perf_counter() - wall) / 60}
+  return digits_runs.evaluate(config, workdir, num_samples, evaluator, seed=seed)
 
 
 def table(trained: dict, rows: list, nfes: list[int], args, guidance: float, spread: dict) -> str:

@@ -71,6 +71,7 @@ class Teacher:
     schedule, prediction, sigma_data: how to read its output (:class:`~diffax.diffusion.parameterization.Denoiser`).
     guidance_scale: classifier-free guidance weight of the teacher (Ho & Salimans 2022 eq. 6; 1 = none), so a
       student learns the guided model in one network (Meng et al. 2023, "On Distillation of Guided Diffusion").
+      An array (e.g. traced, to change it during training) always runs the guided, batch-2B call.
     null_label: the "no label" index used for guidance (``num_classes``).
     channels: output channels to keep (drops a learned-variance head); ``None`` keeps all.
   """
@@ -80,7 +81,7 @@ class Teacher:
   schedule: Schedule
   prediction: str = 'v'
   sigma_data: float = 0.5
-  guidance_scale: float = 1.0
+  guidance_scale: float | Array = 1.0
   null_label: int | None = None
   channels: int | None = None
 
@@ -92,7 +93,7 @@ class Teacher:
       out = self.apply_fn(params, x, t, c, train=False, rngs={})
       return out if self.channels is None else out[..., :self.channels]
 
-    if cond is None or self.guidance_scale == 1.0:
+    if cond is None or (isinstance(self.guidance_scale, (int, float)) and self.guidance_scale == 1.0):
       model_fn = lambda x, t: net(x, t, cond)
     else:
       if self.null_label is None:

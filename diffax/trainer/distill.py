@@ -149,7 +149,7 @@ def build_objective(config: ml_collections.ConfigDict, apply_fn: losses.ApplyFn,
     return restore.restore_ema_params(d.teacher_workdir, abstract_params, ema_index=d.teacher_ema_index,
                                       step=d.teacher_step, key='distill.teacher_workdir')
 
-  def teacher(params: Params, guidance_scale: float = d.guidance_scale) -> distillation.Teacher:
+  def teacher(params: Params, guidance_scale: float | jax.Array = d.guidance_scale) -> distillation.Teacher:
     return distillation.Teacher(net, params, schedule, prediction, sigma_data=sigma_data,
                                 guidance_scale=guidance_scale, null_label=config.data.num_classes or None)
 
@@ -168,12 +168,10 @@ def build_objective(config: ml_collections.ConfigDict, apply_fn: losses.ApplyFn,
       del ema_params
       round_index = jnp.minimum(step // per_round, rounds - 1)
       num_student_steps = jnp.right_shift(jnp.int32(d.teacher_steps), round_index + 1)
-      losses_by_guidance = [distillation.progressive_distillation_loss(
-          net, teacher=teacher(frozen['teacher'], w), prediction=prediction, num_student_steps=num_student_steps,
-          sigma_data=sigma_data) for w in (d.guidance_scale, 1.0)]
-      if d.guidance_scale == 1.0:
-        return losses_by_guidance[0]
-      return lambda params, batch, rng: jax.lax.cond(round_index == 0, *losses_by_guidance, params, batch, rng)
+      w = d.guidance_scale if d.guidance_scale == 1.0 else jnp.where(round_index == 0, d.guidance_scale, 1.0)
+      return distillation.progressive_distillation_loss(net, teacher=teacher(frozen['teacher'], w),
+                                                        prediction=prediction, num_student_steps=num_student_steps,
+                                                        sigma_data=sigma_data)
 
     def update_frozen(step, params, frozen):
       round_end = (step % per_round == 0) & (step < rounds * per_round)  # Algorithm 2: eta <- theta
