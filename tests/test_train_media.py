@@ -1,7 +1,9 @@
-"""The real ``python -m diffax.main`` on the video and audio test configs: samples as GIF / WAV and an eval JSON."""
+"""The real ``python -m diffax.main`` on the video and audio test configs: samples as GIF / MP4 / WAV and an eval
+JSON."""
 
 import json
 
+import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageSequence
 
@@ -15,6 +17,8 @@ def test_moving_digits_trains_writes_a_gif_and_evaluates(tmp_path):
     frames = [np.asarray(f.convert('L')) for f in ImageSequence.Iterator(gif)]
   assert len(frames) == 4  # data.num_frames of runlocal
   assert frames[0].shape == (2 * (33 + 1), 2 * (10 * 33 + 1))  # 8 clips in one row of 10 columns, x2
+  video = iio.imread(tmp_path / 'samples' / 'step_00000004.mp4', plugin='FFMPEG')
+  assert video.shape == (4, *frames[0].shape, 3)  # the GIF's frames (even sizes) as RGB
   result = json.loads((tmp_path / 'eval' / 'step_00000004_dpm_solver-3_w1.json').read_text())
   assert {'frame_fd', 'temporal_fd', 'clip_accuracy'} <= set(result['metrics'])
   assert all(np.isfinite(v) and v >= 0 for v in result['metrics'].values())

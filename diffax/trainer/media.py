@@ -1,16 +1,19 @@
 """Samples of any rank on the host: image grids, clips as frame grids and animated GIFs, waveforms as WAV files and
 spectrogram images; :func:`write_samples` sends them to the CLU writer and ``workdir/samples``.
 
-Clips [N, T, H, W, C] in [-1, 1] become a frame grid (one row per clip, one column per frame) for TensorBoard and
-an animated GIF whose frame ``f`` tiles frame ``f`` of every clip. Waveforms [N, L, C] in [-1, 1] go to
+Clips [N, T, H, W, C] in [-1, 1] become a frame grid (one row per clip, one column per frame) for TensorBoard, and
+an animated GIF and an H.264 MP4 whose frame ``f`` tiles frame ``f`` of every clip (the MP4 is encoded by the ffmpeg
+binary that the ``imageio-ffmpeg`` wheel ships, so no system ffmpeg is needed). Waveforms [N, L, C] in [-1, 1] go to
 TensorBoard as audio summaries (``write_audios``) and log-magnitude spectrograms, and to 16-bit PCM WAV files.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 import wave
 
+import imageio.v3 as iio
 import numpy as np
 from etils import epath
 from PIL import Image
@@ -24,19 +27,46 @@ def frame_grid(clips: np.ndarray, *, pad: int = 1) -> np.ndarray:
   return images.grid(clips.reshape(n * t, *clips.shape[2:]), columns=t, pad=pad)
 
 
-def save_gif(path: str | epath.Path, clips: np.ndarray, *, columns: int | None = None, scale: int = 1,
-             frame_ms: int = 125) -> None:
-  """Writes uint8 [N, T, H, W, C] as an animated GIF (looping) whose frame ``f`` is the grid of the clips' frame
-  ``f``, enlarged ``scale`` times with nearest-neighbour pixels, ``frame_ms`` milliseconds per frame."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+def animation_frames(clips: np.ndarray, *, columns: int | None = None, scale: int = 1) -> list[Image.Image]:
+  """uint8 [N, T, H, W, C] -> ``T`` images, image ``f`` the grid of the clips' frame ``f`` enlarged ``scale``
+  times with nearest-neighbour pixels."""
   frames = []
   for f in range(clips.shape[1]):
     tile = images.grid(clips[:, f], columns=columns)
     pil = Image.fromarray(tile[..., 0] if tile.shape[-1] == 1 else tile)
     frames.append(pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil)
+  return frames
+
+
+def save_gif(path: str | epath.Path, clips: np.ndarray, *, columns: int | None = None, scale: int = 1,
+             frame_ms: int = 125) -> None:
+  """Writes uint8 [N, T, H, W, C] as an animated GIF (looping) of :func:`animation_frames`, ``frame_ms``
+  milliseconds per frame."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  frames = animation_frames(clips, columns=columns, scale=scale)
   with path.open('wb') as f:
     frames[0].save(f, format='GIF', save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+
+
+def save_mp4(path: str | epath.Path, clips: np.ndarray, *, columns: int | None = None, scale: int = 1,
+             fps: float = 8.0, quality: int = 10) -> None:
+  """Writes uint8 [N, T, H, W, C] as an H.264 MP4 (yuv420p, ``quality`` 0-10 of imageio's ffmpeg writer) of
+  :func:`animation_frames` at ``fps`` frames per second.
+
+  yuv420p needs even frame sizes: an odd height or width gets one black row or column at the bottom / right. The
+  file is encoded locally and then copied to ``path``, which may be remote.
+  """
+  frames = np.stack([np.asarray(f.convert('RGB')) for f in animation_frames(clips, columns=columns, scale=scale)])
+  _, h, w, _ = frames.shape
+  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    local = epath.Path(tmp) / 'clip.mp4'
+    iio.imwrite(str(local), frames, plugin='FFMPEG', fps=fps, codec='libx264', quality=quality, pixelformat='yuv420p',
+                macro_block_size=2)
+    path.write_bytes(local.read_bytes())
 
 
 def to_pcm16(audio: np.ndarray) -> np.ndarray:
@@ -93,7 +123,7 @@ def write_samples(writer, step: int, samples: np.ndarray, *, directory: epath.Pa
   """Sends samples to ``writer`` at ``step`` and, with a ``directory``, to files ``step_<step>.*`` there.
 
   Images [N, H, W, C]: a grid (``columns`` per row) as ``'samples'`` and a PNG. Clips [N, T, H, W, C]: the
-  frame grid as ``'samples'``, a PNG of it and an animated GIF. Waveforms [N, L, C]: audio summaries
+  frame grid as ``'samples'``, a PNG of it, an animated GIF and an MP4. Waveforms [N, L, C]: audio summaries
   ``'samples'`` at ``sample_rate``, their spectrograms as ``'spectrograms'``, a PNG grid of those and one WAV
   per sample (``step_<step>_<i>.wav``).
   """
@@ -109,7 +139,9 @@ def write_samples(writer, step: int, samples: np.ndarray, *, directory: epath.Pa
     writer.write_images(step, {'samples': grid[None]})
     if directory is not None:
       images.save_png(directory / f'{stem}.png', grid, scale=2)
-      save_gif(directory / f'{stem}.gif', clips, columns=columns or math.ceil(math.sqrt(len(clips))), scale=2)
+      columns = columns or math.ceil(math.sqrt(len(clips)))
+      save_gif(directory / f'{stem}.gif', clips, columns=columns, scale=2)
+      save_mp4(directory / f'{stem}.mp4', clips, columns=columns, scale=2)
   elif samples.ndim == 3:
     if sample_rate <= 0:
       raise ValueError(f'Waveform samples need a positive sample_rate, got {sample_rate} (config key '
