@@ -6,9 +6,9 @@ Usage (the base first; ``make run`` trains exactly it):
   python experiments/finetune_digits.py --base workdirs/digits --root /tmp/finetune_digits \\
       --out experiments/results/finetune_digits.md
 
-Trains configs/digits_lora.py, digits_controlnet.py and digits_dreambooth.py as shipped on that base (never
-written to: it is sampled from a copy), then measures, with the runs' sampler (DPM-Solver++(2M), 25 steps,
-guidance 1.5) and ``--num-samples`` samples per model:
+Trains configs/digits_lora.py, digits_controlnet.py and digits_dreambooth.py as shipped on that base (only
+read; runs already finished under ``--root`` are reused), then measures, with the runs' sampler (DPM-Solver++(2M),
+25 steps, guidance 1.5) and ``--num-samples`` samples per model:
 
 * cost: parameters that train, optimiser state (Adam's moments: bytes of ``opt_state``) and the median train
   step time (batch 64, after compilation) of full and LoRA fine-tuning;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shutil
 import statistics
 import time
 
@@ -38,7 +37,7 @@ from diffax.data import control as control_data
 from diffax.data import load_digits
 from diffax.evaluation import evaluators
 from diffax.models import lora
-from diffax.trainer import config as config_lib, finetune, sharding, train
+from diffax.trainer import config as config_lib, finetune, restore, sharding, train
 from diffax.trainer.experiment import Experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -60,6 +59,27 @@ def load_config(name: str, **overrides):
 def restored(config, workdir) -> tuple[Experiment, object]:
   exp = Experiment(config, workdir)
   return exp, exp.restore_or_init()
+
+
+def base_model(base: str, workdir: pathlib.Path, **overrides) -> tuple[Experiment, object]:
+  """An experiment of configs/digits.py in an empty ``workdir`` and the base run's EMA weights read through
+  :func:`restore.restore_ema_params` (the base workdir is only read)."""
+  exp = Experiment(load_config('digits', **overrides), workdir)
+  params = restore.restore_ema_params(base, exp.tuning.abstract_base)
+  return exp, jax.device_put(params, exp.state_shardings.params)
+
+
+def took(seconds: float) -> str:
+  return f'{seconds:.0f} s to train' if np.isfinite(seconds) else 'trained by an earlier call'
+
+
+def trained(config, workdir: pathlib.Path) -> float:
+  """Trains ``config`` in ``workdir`` unless a finished run is there; returns the seconds it took."""
+  if config.train.num_steps in restore.checkpoint_steps(str(workdir)):
+    return float('nan')
+  start = time.perf_counter()
+  train.train_and_evaluate(config, str(workdir))
+  return time.perf_counter() - start
 
 
 def generate(exp: Experiment, params, labels: np.ndarray, *, seed: int) -> np.ndarray:
@@ -118,6 +138,7 @@ def main():
   parser.add_argument('--num-samples', type=int, default=500)
   parser.add_argument('--timing-steps', type=int, default=30)
   parser.add_argument('--out', default='', help='also write the tables to this markdown file')
+  parser.add_argument('--skip-cost', action='store_true', help='leave out the full vs LoRA cost table')
   args = parser.parse_args()
   root = pathlib.Path(args.root).resolve()
   base = str(pathlib.Path(args.base).resolve())
@@ -129,30 +150,26 @@ def main():
       print(line, flush=True)
       lines.append(line)
 
-  rows = cost(base, root, steps=args.timing_steps)
-  emit('## Full vs LoRA fine-tuning (rank 4 on attention + ResBlock convs, batch 64)', '',
-       '| mode | trainable params | of total | optimiser state | step time |', '|---|---|---|---|---|')
-  for mode, trainable, total, moments, ms in rows:
-    emit(f'| {mode} | {trainable:,} | {100 * trainable / total:.1f} % | {moments / 2**10:,.0f} KiB | {ms:.1f} ms |')
+  if not args.skip_cost:
+    rows = cost(base, root, steps=args.timing_steps)
+    emit('## Full vs LoRA fine-tuning (rank 4 on attention + ResBlock convs, batch 64)', '',
+         '| mode | trainable params | of total | optimiser state | step time |', '|---|---|---|---|---|')
+    for mode, trainable, total, moments, ms in rows:
+      emit(f'| {mode} | {trainable:,} | {100 * trainable / total:.1f} % | {moments / 2**10:,.0f} KiB | {ms:.1f} ms |')
 
-  copy = root / 'base_copy'  # the base is sampled from a copy: an Experiment may write into its workdir
-  if not copy.exists():
-    shutil.copytree(base, copy)
   n = args.num_samples
   labels = np.arange(n) % 10
-  start = time.perf_counter()
   lora_dir = root / 'lora'
-  train.train_and_evaluate(load_config('digits_lora', **{'finetune.base_workdir': base}), str(lora_dir))
-  lora_seconds = time.perf_counter() - start
-  exp_base, state_base = restored(load_config('digits'), copy)
-  base_samples = generate(exp_base, exp_base.sample_params(state_base), labels, seed=1)
+  lora_seconds = trained(load_config('digits_lora', **{'finetune.base_workdir': base}), lora_dir)
+  exp_base, params_base = base_model(base, root / 'base_sampler')
+  base_samples = generate(exp_base, params_base, labels, seed=1)
   exp_lora, state_lora = restored(load_config('digits_lora', **{'finetune.base_workdir': base}), lora_dir)
   lora_samples = generate(exp_lora, exp_lora.sample_params(state_lora), labels, seed=1)
   adapter = str(lora_dir / 'adapters' / 'lora.npz')
-  exp_half, state_half = restored(load_config('digits', **{'finetune.adapters': (f'{adapter}:0.5',)}), copy)
-  half_samples = generate(exp_half, exp_half.sample_params(state_half), labels, seed=1)
+  exp_half, params_half = base_model(base, root / 'base_sampler_half', **{'finetune.adapters': (f'{adapter}:0.5',)})
+  half_samples = generate(exp_half, params_half, labels, seed=1)
   (scanned, scanned_labels), (bold, bold_labels) = real(''), real('bold')
-  emit('', f'## LoRA style shift to bold digits (configs/digits_lora.py, {lora_seconds:.0f} s to train)', '',
+  emit('', f'## LoRA style shift to bold digits (configs/digits_lora.py, {took(lora_seconds)})', '',
        '| images | classifier accuracy | digits FD | mean ink |', '|---|---|---|---|')
   for name, x, y in (('real test digits, scanned', scanned, scanned_labels),
                      ('real test digits, bold', bold, bold_labels), ('base samples', base_samples, labels),
@@ -161,11 +178,9 @@ def main():
     m = judge(x, y)
     emit(f'| {name} | {m["accuracy"]:.3f} | {m["fd"]:.1f} | {m["ink"]:.3f} |')
 
-  start = time.perf_counter()
   control_dir = root / 'controlnet'
   control_config = load_config('digits_controlnet', **{'finetune.base_workdir': base})
-  train.train_and_evaluate(control_config, str(control_dir))
-  control_seconds = time.perf_counter() - start
+  control_seconds = trained(control_config, control_dir)
   exp_c, state_c = restored(control_config, control_dir)
   requested = np.asarray(exp_c.tuning.controls)[np.arange(n) % len(exp_c.tuning.controls)]
   edges = lambda x: control_data.sobel_edges(np.asarray(x, np.float32))
@@ -177,17 +192,15 @@ def main():
   by_class = {c: np.flatnonzero(scanned_labels == c) for c in range(10)}
   k = len(exp_c.tuning.controls)  # sample i follows test digit (i mod k) // 10 of class i mod 10; take the next one
   other = np.stack([scanned[by_class[i % 10][((i % k) // 10 + 1) % len(by_class[i % 10])]] for i in range(n)])
-  emit('', f'## ControlNet on Sobel edges (configs/digits_controlnet.py, {control_seconds:.0f} s to train)', '',
+  emit('', f'## ControlNet on Sobel edges (configs/digits_controlnet.py, {took(control_seconds)})', '',
        '| samples | edge-map error (mean abs) | classifier accuracy |', '|---|---|---|')
   for name, x in (('ControlNet, scale 1', controlled), ('ControlNet, scale 0 (= base)', scale0),
                   ('base (uncontrolled)', base_samples), ('another real digit of the class', other)):
     emit(f'| {name} | {error(x):.4f} | {judge(x, labels)["accuracy"]:.3f} |')
 
-  start = time.perf_counter()
   db_dir = root / 'dreambooth'
   db_config = load_config('digits_dreambooth', **{'finetune.base_workdir': base})
-  train.train_and_evaluate(db_config, str(db_dir))
-  db_seconds = time.perf_counter() - start
+  db_seconds = trained(db_config, db_dir)
   exp_d, state_d = restored(db_config, db_dir)
   m = db_config.sample.num_samples * max(n // db_config.sample.num_samples, 1)
   instance = generate(exp_d, exp_d.sample_params(state_d), np.full(m, 10), seed=1)
@@ -195,7 +208,7 @@ def main():
   base_sevens = base_samples[labels == 7]
   bold_train, train_labels = load_digits('train', 'bold')
   instances = bold_train[train_labels == 7][:5].astype(np.float32) / 127.5 - 1.0
-  emit('', f'## DreamBooth: label 10 = five bold sevens (configs/digits_dreambooth.py, {db_seconds:.0f} s to train)',
+  emit('', f'## DreamBooth: label 10 = five bold sevens (configs/digits_dreambooth.py, {took(db_seconds)})',
        '', '| images | read as 7 | mean ink |', '|---|---|---|')
   for name, x in (('the 5 instance images (bold sevens)', instances), ('base, label 7', base_sevens),
                   ('DreamBooth, label 7 (prior preserved)', sevens), ('DreamBooth, label 10 [V]', instance)):
