@@ -1,12 +1,16 @@
 """Autoencoder on the embedded digits: held-out reconstruction metrics while training, and throughput.
 
   python experiments/autoencoder_digits.py [--steps 600] [--disc-start 300] [--out experiments/results/...md]
+      [--save DIR]
 
 The 8x8 digits (``diffax.data.digits``) are upsampled (bilinear) to 16x16 in [-1, 1]; the ``small`` autoencoder
 preset (factor 4, 4 latent channels: 16x16x1 -> 4x4x4) trains with L1 + 1e-6 KL (LDM's KL-f8 weights) and, from
 ``--disc-start`` (0 = never), the patch discriminator with the adaptive weight (``diffax.models.autoencoder_loss``),
 Adam(lr 1e-3, b1 0.5, b2 0.9) at batch 64. Printed: PSNR / SSIM on the 359 held-out digits from the posterior
-mean, and the encode / decode / train-step throughput on this machine.
+mean, and the encode / decode / train-step throughput on this machine. ``--save DIR`` writes the trained
+autoencoder for latent diffusion (``diffax.trainer.latents.save_autoencoder``: params.npz + autoencoder.json, used
+as ``--config.data.latents.autoencoder=DIR``) with the latent scaling factor set to 1 / std of the training
+digits' posterior means (LDM sec. 4.3.2), so the diffusion model sees latents of unit variance.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import optax
 from diffax.data.digits import load_digits
 from diffax.evaluation import reconstruction
 from diffax.models import autoencoder, autoencoder_loss
+from diffax.trainer import latents
 
 
 def images(split: str) -> jax.Array:
@@ -45,6 +50,7 @@ def main():
   parser.add_argument('--disc-start', type=int, default=0)
   parser.add_argument('--every', type=int, default=150)
   parser.add_argument('--out', default='')
+  parser.add_argument('--save', default='', help='directory for the trained autoencoder (params.npz + json)')
   args = parser.parse_args()
   train, test = images('train'), images('test')
   model = autoencoder.get_autoencoder('small', in_channels=1)
@@ -83,15 +89,25 @@ def main():
   ae = params['autoencoder']
   encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method='encode_latents'))
   decode = jax.jit(lambda p, z: model.apply({'params': p}, z, method='decode_latents'))
-  latents = encode(ae, test[:256])
+  z_test = encode(ae, test[:256])
   speed = ['| operation | images / s (batch 256, 16x16x1) |', '|---|---:|',
            f'| encode | {rate(encode, ae, test[:256], n=256):.0f} |',
-           f'| decode | {rate(decode, ae, latents, n=256):.0f} |',
+           f'| decode | {rate(decode, ae, z_test, n=256):.0f} |',
            f'| train step (batch 64, incl. compile) | {args.steps * 64 / seconds:.0f} |']
   header = (f'small autoencoder (0.95 M params at 3 channels; in_channels=1 here), {args.steps} steps, disc_start '
             f'{args.disc_start or "off"}, {jax.devices()[0].platform}, {seconds:.0f} s training.')
   table = '\n'.join([header, '', *lines, '', *speed])
   print('\n'.join(['', *speed]))
+  if args.save:
+    z = jnp.concatenate([encode(ae, train[i:i + 256]) for i in range(0, train.shape[0], 256)])
+    scaling_factor = float(1.0 / jnp.std(z))  # the small preset's factor is 1, so z is unscaled here
+    record = latents.save_autoencoder(args.save, ae, preset='small', fields={'in_channels': 1, 'scaling_factor':
+                                      scaling_factor}, input_shape=(16, 16, 1),
+                                      note=f'experiments/autoencoder_digits.py --steps {args.steps} --disc-start '
+                                      f'{args.disc_start}: digits 8x8 bilinear to 16x16 in [-1, 1]')
+    table += (f'\n\nSaved to `{args.save}`: latents {record["latent_shape"]}, scaling factor {scaling_factor:.4f} '
+              f'(1 / std of the {train.shape[0]} training digits\' posterior means), sha256 {record["sha256"][:12]}.')
+    print(table.splitlines()[-1])
   if args.out:
     pathlib.Path(args.out).write_text(f'`python experiments/autoencoder_digits.py --steps {args.steps} --disc-start '
                                       f'{args.disc_start}`\n\n{table}\n')

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 import tensorflow_datasets as tfds
 
-from diffax.trainer import components, config as config_lib, events, train
+from diffax.models import autoencoder
+from diffax.trainer import components, config as config_lib, events, latents, train
 import trainer_runs
 
 
@@ -26,6 +27,9 @@ def load(name: str, arg: str | None = None):
     ('imagenet64', 'dit', (64, 64, 3), 130.8),  # DiT-B/4, pixel space: wider patch embed/decoder than latents
     ('imagenet64', 'sit', (64, 64, 3), 130.3),  # SiT-B/2 = DiT-B/2 (SiT sec. 3; DiT table 4), no sigma channels
     ('digits', 'flow', (8, 8, 1), None),
+    ('imagenet256_latent', None, (32, 32, 4), 674.8),  # DiT-XL/2 on SD-VAE latents (DiT table 4: 675 M)
+    ('imagenet256_latent', 'runlocal', (32, 32, 4), None),
+    ('digits_latent', None, (4, 4, 4), None),  # unet_tiny on the digits autoencoder's 4x4x4 latents
     ('digits', None, (8, 8, 1), None),
 ])
 def test_configs_validate_and_build_their_models(name, arg, shape, params_m):
@@ -42,6 +46,22 @@ def test_configs_validate_and_build_their_models(name, arg, shape, params_m):
   count = sum(p.size for p in jax.tree.leaves(params)) / 1e6
   if params_m is not None:
     assert count == pytest.approx(params_m, rel=0.01), count
+
+
+def test_imagenet256_latent_has_the_dit_settings_and_names_the_missing_vae(tmp_path):
+  """SD's VAE maps 256x256x3 to the 32x32x4 latents DiT-XL/2 is built for; without the file the run stops at start
+  with the download command."""
+  c = load('imagenet256_latent')
+  vae = autoencoder.get_autoencoder(c.data.latents.preset)
+  assert (256 // vae.downsampling_factor, vae.latent_channels, vae.scaling_factor) == (32, 4, 0.18215)
+  assert (c.model.preset, c.diffusion.schedule, c.diffusion.loss, c.sample.sampler, c.sample.num_steps) == (
+      'DiT-XL/2', 'linear', 'hybrid', 'ddpm', 250)
+  assert (c.optim.learning_rate, c.optim.weight_decay, c.train.batch_size, c.train.num_steps) == (1e-4, 0, 256, 4e5)
+  assert (c.train.ema_decays, c.sample.guidance_scale) == ((0.9999,), 1.5)
+  c.data.latents.autoencoder = str(tmp_path / 'sd-vae-ft-mse.safetensors')
+  with pytest.raises(config_lib.ConfigError, match='curl -L -o sd-vae-ft-mse.safetensors') as error:
+    latents.from_config(c, (256, 256, 3))
+  assert error.value.key == 'data.latents.autoencoder'
 
 
 @pytest.mark.parametrize('name, arg', [('cifar10_ddpm', 'runlocal'), ('imagenet64', 'runlocal')])

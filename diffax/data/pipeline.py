@@ -18,7 +18,8 @@ Images become ``x`` float32 [b, H, W, C] in [-1, 1]:
 with ``u`` the uint8 pixels, and labels ``cond`` int32 [b] (captioned records, :mod:`diffax.data.captions`: their
 caption's token ids ``cond`` int32 [b, L] instead). Clips (records with ``'video'`` uint8 [T, H, W, C])
 are scaled the same way into ``x`` [b, T, H, W, C] (a flip mirrors every frame); waveforms (``'audio'`` float32
-[L, C] in [-1, 1]) pass unchanged into ``x`` [b, L, C] (no flips, no dequantisation).
+[L, C] in [-1, 1]) pass unchanged into ``x`` [b, L, C] (no flips, no dequantisation), and so do latents
+(``'latent'`` float32 [h, w, c]).
 
 The iterator is a ``grain.DatasetIterator``:
 ``get_state()`` / ``set_state()`` give its position, and ``grain.checkpoint.CheckpointSave`` /
@@ -37,8 +38,9 @@ from diffax.data.sources import Source
 Batch = dict[str, np.ndarray]
 """``{'x': float32 [b, H, W, C] in [-1, 1], 'cond': int32 [b]}``."""
 
-DATA_KEYS = ('image', 'video', 'audio')
-"""The record key holding an example's data: uint8 [H, W, C], uint8 [T, H, W, C] or float32 [L, C]."""
+DATA_KEYS = ('image', 'video', 'audio', 'latent')
+"""The record key holding an example's data: uint8 [H, W, C], uint8 [T, H, W, C], float32 [L, C] or an encoded
+image's float32 latents [h, w, c] (:mod:`diffax.trainer.latents`)."""
 
 
 def data_key(record: dict) -> str:
@@ -54,8 +56,8 @@ def _preprocess(record: dict, rng: np.random.Generator, *, random_flip: bool, de
   (clips and waveforms alike, see the module docstring; ``'tokens'`` [L], where a record has them, is ``cond``)."""
   key = data_key(record)
   cond = np.asarray(record['tokens'] if 'tokens' in record else record['label'], np.int32)
-  if key == 'audio':
-    return {'x': np.asarray(record['audio'], np.float32), 'cond': cond}
+  if key in ('audio', 'latent'):
+    return {'x': np.asarray(record[key], np.float32), 'cond': cond}
   u = record[key]
   if random_flip and rng.random() < 0.5:
     u = u[..., ::-1, :]  # the width axis of [H, W, C] and [T, H, W, C]
@@ -117,7 +119,10 @@ def make_iterator(source: Source, *, global_batch_size: int, seed: int, shuffle:
   if key == 'audio' and (random_flip or dequantize):
     raise ValueError('random_flip and dequantize apply to images and clips; waveforms take neither (config keys '
                      'data.random_flip, data.dequantize).')
-  if key != 'audio' and (data.dtype != np.uint8 or data.ndim != {'image': 3, 'video': 4}[key]):
+  if key == 'latent' and (data.dtype != np.float32 or data.ndim != 3 or random_flip or dequantize):
+    raise ValueError(f'Source latents must be float32 [h, w, c] (got {data.dtype} {data.shape}) and take no '
+                     'random_flip or dequantize (they are of the images as encoded).')
+  if key in ('image', 'video') and (data.dtype != np.uint8 or data.ndim != {'image': 3, 'video': 4}[key]):
     expected = '[H, W, C]' if key == 'image' else '[T, H, W, C]'
     raise ValueError(f'Source {key}s must be uint8 {expected}, got {data.dtype} {data.shape}.')
 

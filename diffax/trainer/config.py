@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 def default_config() -> ml_collections.ConfigDict:
   """All keys the trainer reads, with defaults (the embedded digits default changes a few)."""
-  from diffax.trainer import distill  # it imports ConfigError from here
+  from diffax.trainer import distill, latents  # they import ConfigError from here
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
       worker_count=0,  # grain worker processes per host (0 = in the main process)
       style='',  # digits only: '' (as scanned), 'bold' or 'inverted' (diffax.data.digits.STYLES)
   )
+  c.data.latents = latents.defaults()  # latent diffusion: a frozen autoencoder's latents (diffax.trainer.latents)
   c.model = dict(
       name='unet',  # a key of diffax.models.MODELS
       preset='',  # a preset of that model (diffax.models.PRESETS) or '' for the model's defaults
@@ -206,7 +207,7 @@ def _positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects impossible settings with the key named. Keyword sections are checked by building them."""
   from diffax import models  # the registry imports Flax modules; keep config import light
-  from diffax.trainer import distill, text
+  from diffax.trainer import distill, latents, text
 
   _choice(config, 'model.name', models.MODELS)
   if config.model.preset:
@@ -256,6 +257,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_flow(config)
   text.from_config(config)
   distill.validate(config)
+  latents.validate(config)
   if config.mesh.data == 0 or config.mesh.data < -1:
     raise ConfigError('mesh.data', f'must be -1 (all remaining devices) or positive, got {config.mesh.data}.')
 

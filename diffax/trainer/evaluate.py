@@ -108,7 +108,8 @@ def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Ev
       'num_steps': kwargs.get('num_steps'), 'nfe': int(nfe), 'guidance_scale': c.sample.guidance_scale,
       'clip_x0': c.sample.clip_x0,
       'ema_decay': tuple(c.train.ema_decays)[components.ema_index(c)], 'schedule': c.diffusion.schedule,
-      'prediction': c.diffusion.prediction, 'seconds': time.perf_counter() - start, **evaluator.protocol()}
+      'prediction': c.diffusion.prediction, 'seconds': time.perf_counter() - start, **evaluator.protocol(),
+      **(exp.latent.protocol() if exp.latent else {})}  # decoded latents: which autoencoder
   return metrics, protocol
 
 

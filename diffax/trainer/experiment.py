@@ -13,7 +13,7 @@ import numpy as np
 from etils import epath
 
 from diffax.trainer import checkpoint, components, config as config_lib, console, finetune, optim, sharding, train_state
-from diffax.trainer import text
+from diffax.trainer import latents, text
 from diffax.data.pipeline import data_key, make_iterator
 from diffax.data.sources import SourceConfigError, get_source
 
@@ -42,6 +42,10 @@ class Experiment:
       raise config_lib.ConfigError(e.key, e.detail) from e
     record = self.source[0]
     self.image_shape = tuple(np.asarray(record[data_key(record)]).shape)  # (H, W, C), (T, H, W, C) or (L, C)
+    self.latent = latents.from_config(config, self.image_shape)  # data.latents: the frozen autoencoder, or None
+    self.source, self.batch_shape = latents.wrap_source(config, self.latent, self.source, self.workdir)
+    self.batch_shape = self.batch_shape or self.image_shape  # the pipeline's examples (images or cached latents)
+    self.image_shape = self.latent.latent_shape if self.latent else self.image_shape  # the model's examples
     if config.data.num_classes and not 0 <= int(record['label']) < config.data.num_classes:
       raise config_lib.ConfigError('data.num_classes', f'label {record["label"]} of {config.data.name} is outside '
                                    f'[0, {config.data.num_classes}).')
@@ -56,11 +60,14 @@ class Experiment:
                                    f'{self.model.spatial_dims}; pick a {rank}-D preset or set spatial_dims={rank}.')
     if rank != 2:
       self._check_example_fits_model(rank)
+    if self.latent:
+      latents.check_model(config, self.latent, self.init_backbone, self.example_inputs,
+                          lambda p, *a: self.model.apply({'params': p}, *a, train=False))
     self.tuning = finetune.from_config(config, self)  # fine-tuning hooks (identity for a run from scratch)
     self.loss_fn = self.tuning.loss_fn(components.build_loss(
         config, self.tuning.apply_fn(components.apply_fn_of(self.model)), self.schedule))
-    self.objective = components.build_objective(config, components.apply_fn_of(self.model), self.schedule,
-                                                self.loss_fn, example_shape=self.image_shape)
+    self.objective = latents.objective(self.latent, components.build_objective(
+        config, components.apply_fn_of(self.model), self.schedule, self.loss_fn, example_shape=self.image_shape))
     self.generate = self.tuning.generate(components.build_generate(config, self.model, self.schedule,
                                                                    channels=self.image_shape[-1]))
     self.optimizer, self.lr_schedule = optim.make_optimizer(num_steps=config.train.num_steps, **config.optim)
@@ -91,7 +98,7 @@ class Experiment:
     """The global train batch the loss sees (:meth:`model_batch`), as shapes with the batch sharding."""
     batch_sharding = sharding.batch_sharding(self.mesh)
     b = self.config.train.batch_size
-    batch = {'x': jax.ShapeDtypeStruct((b, *self.image_shape), jnp.float32, sharding=batch_sharding)}
+    batch = {'x': jax.ShapeDtypeStruct((b, *self.batch_shape), jnp.float32, sharding=batch_sharding)}
     if self.cond_shape is not None:  # labels [b] or caption ids [b, L]
       batch['cond'] = jax.ShapeDtypeStruct((b, *self.cond_shape), jnp.int32, sharding=batch_sharding)
     return self.tuning.abstract_batch(batch)
@@ -148,8 +155,8 @@ class Experiment:
                        out_shardings=(labels_sharding, sharding.replicated(self.mesh)))
       rng = jax.eval_shape(jax.random.PRNGKey, 0)
       labels = jax.ShapeDtypeStruct((batch_size, *(self.cond_shape or ())), jnp.int32)
-      self._compiled_generate[batch_size] = sharding.compile_on_all_processes(
-          jitted, self.abstract_state.params, rng, labels, name=f'generate_{batch_size}')
+      self._compiled_generate[batch_size] = latents.decoding(self.latent, sharding.compile_on_all_processes(
+          jitted, self.abstract_state.params, rng, labels, name=f'generate_{batch_size}'))  # decoded latents
     return self._compiled_generate[batch_size]
 
   def grid_labels(self, n: int) -> jax.Array:

@@ -1,0 +1,36 @@
+"""The embedded latent demo: the digits default's diffusion model on the digits autoencoder's latents (LDM).
+
+Commands (the autoencoder first; it writes workdirs/autoencoder_digits/{params.npz, autoencoder.json}):
+  python experiments/autoencoder_digits.py --save workdirs/autoencoder_digits
+  python -m diffax.main --config configs/digits_latent.py --workdir workdirs/digits_latent
+  --config.data.latents.autoencoder=DIR points at another saved autoencoder (or a diffusers .safetensors with
+  --config.data.latents.preset).
+
+The digits (8x8) are resized to the autoencoder's 16x16 and encoded by its posterior mean into 4x4x4 latents
+scaled to unit variance (the saved scaling factor, 1 / std of the training latents: LDM sec. 4.3.2); the split is
+encoded once at start into workdir/latents/train.npz with the autoencoder's sha256 (``data.latents.mode='cached'``;
+``'on_the_fly'`` encodes every batch inside the step from the run's frozen copy). The class-conditional
+``unet_tiny`` trains with the default's recipe (cosine schedule, v-prediction, guidance 1.5, DPM-Solver++(2M) 25
+steps); samples are decoded and resized back to 8x8, so the grid and the digits metric (``digits_accuracy``,
+``digits_fd`` on 1,000 samples) are those of the pixel default and compare with it directly.
+``get_config('runlocal')``: a few steps, for the tests (``tests/test_train_latent.py``).
+"""
+
+import importlib.util
+import pathlib
+
+
+def _digits_config(arg):
+  spec = importlib.util.spec_from_file_location('digits_config', pathlib.Path(__file__).with_name('digits.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, '', 'runlocal'):
+    raise ValueError(f'Unknown digits_latent variant {arg!r}; use "" or "runlocal".')
+  c = _digits_config(arg)  # the pixel default's model, schedule, recipe and metric (runlocal: shrunk alike)
+  c.data.latents.autoencoder = 'workdirs/autoencoder_digits'
+  c.data.latents.mode = 'cached'
+  return c

@@ -1,0 +1,173 @@
+"""Latent diffusion in the trainer: the real main trains configs/digits_latent.py:runlocal on the latents of a tiny
+autoencoder saved by the test (encoded in the step from the run's frozen copy), samples decoded images of the
+data's shape and evaluates them; the step's loss is the pixel loss on encoded latents; cached latents are the
+encoder's and are refused for another autoencoder; bad latent configs are named errors."""
+
+import importlib.util
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffax.data.digits import load_digits
+from diffax.models import autoencoder
+from diffax.trainer import config as config_lib, experiment, latents
+import trainer_runs
+
+LATENT = f'{trainer_runs.REPO}/configs/digits_latent.py'
+FIELDS = {'in_channels': 1, 'ch': 8, 'num_groups': 4, 'scaling_factor': 0.5}  # small preset, narrower
+
+
+def _save_tiny(directory, fields=None, input_shape=(16, 16, 1), seed=3):
+  fields = fields or FIELDS
+  model = autoencoder.get_autoencoder('small', **fields)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *input_shape)))['params'])
+  return latents.save_autoencoder(directory, params, preset='small', fields=fields, input_shape=input_shape)
+
+
+def _config(ae_dir, **overrides):
+  spec = importlib.util.spec_from_file_location('digits_latent', LATENT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config('runlocal')
+  c.data.latents.autoencoder = str(ae_dir)
+  for name, value in overrides.items():
+    *path, leaf = name.split('.')
+    section = c
+    for part in path:
+      section = section[part]
+    section[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """A tiny saved autoencoder and a 6-step on-the-fly latent run of the real main on it, then --mode sample."""
+  ae_dir = tmp_path_factory.mktemp('autoencoder')
+  record = _save_tiny(ae_dir)
+  workdir = tmp_path_factory.mktemp('latent_run')
+  overrides = (f'data.latents.autoencoder={ae_dir}', 'data.latents.mode=on_the_fly', 'train.eval_every=6')
+  trainer_runs.run_main(workdir, *overrides, config=f'{LATENT}:runlocal')
+  trainer_runs.run_main(workdir, *overrides, mode='sample', config=f'{LATENT}:runlocal')
+  return ae_dir, record, workdir
+
+
+def test_the_model_trains_on_latents_and_samples_are_decoded_digits(run):
+  _, record, workdir = run
+  assert record['latent_shape'] == [4, 4, 4]
+  assert json.loads((workdir / 'run.json').read_text())['example_shape'] == [4, 4, 4]
+  with (workdir / 'samples' / 'samples_step_00000006.npz').open('rb') as f:
+    images = np.load(f)['images']
+  assert images.shape == (16, 8, 8, 1) and images.dtype == np.uint8  # decoded and resized to the data's 8x8
+  assert (workdir / 'samples' / 'step_00000006.png').exists()
+
+
+def test_eval_json_scores_decoded_samples_and_records_the_autoencoder(run):
+  _, record, workdir = run
+  (path,) = (workdir / 'eval').glob('step_00000006_*.json')
+  result = json.loads(path.read_text())
+  assert {'digits_fd', 'digits_accuracy'} <= set(result['metrics'])
+  assert np.isfinite(result['metrics']['digits_fd'])
+  protocol = result['protocol']
+  assert protocol['latents_autoencoder_sha256'] == record['sha256'] and protocol['latent_shape'] == [4, 4, 4]
+  assert protocol['latents_mode'] == 'on_the_fly' and protocol['scaling_factor'] == 0.5
+
+
+def test_the_checkpointed_frozen_autoencoder_is_the_saved_one(run, tmp_path):
+  ae_dir, _, workdir = run
+  exp = experiment.Experiment(_config(ae_dir, **{'data.latents.mode': 'on_the_fly'}), workdir)
+  state = exp.checkpointer.restore(exp.abstract_state, step=6)
+  exp.checkpointer.close()
+  with (ae_dir / 'params.npz').open('rb') as f:
+    saved = dict(np.load(f))
+  frozen = {'/'.join(k.key for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(state.frozen['autoencoder'])[0]}
+  assert sorted(frozen) == sorted(saved)
+  for name, value in saved.items():
+    np.testing.assert_array_equal(frozen[name], value)
+
+
+def test_the_step_loss_is_the_pixel_loss_on_encoded_latents(run, tmp_path):
+  """Objective on the fly: loss(params, images) = diffusion loss(params, s * E(resize(images))) with the rng's
+  second half; E is computed here by the autoencoder module directly."""
+  ae_dir, _, _ = run
+  exp = experiment.Experiment(_config(ae_dir, **{'data.latents.mode': 'on_the_fly'}), tmp_path / 'w')
+  params = exp.init_backbone(jax.random.PRNGKey(1))
+  images = jnp.asarray(load_digits('train')[0][:8], jnp.float32) / 127.5 - 1
+  batch = {'x': images, 'cond': jnp.arange(8, dtype=jnp.int32)}
+  rng = jax.random.PRNGKey(5)
+  frozen = {'autoencoder': exp.latent.params}
+  got, _ = exp.objective.loss_at(jnp.int32(0), frozen, (params,))(params, batch, rng)
+  model = autoencoder.get_autoencoder('small', **FIELDS)
+  up = jax.image.resize(images, (8, 16, 16, 1), 'bilinear')
+  z = 0.5 * model.apply({'params': exp.latent.params}, up, method='encode').mean
+  want, _ = exp.loss_fn(params, {**batch, 'x': z}, jax.random.split(rng)[1])
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_cached_latents_are_the_encoder_means_and_refuse_another_autoencoder(run, tmp_path):
+  ae_dir, record, _ = run
+  c = _config(ae_dir, **{'data.latents.cache': str(tmp_path / 'cache.npz')})
+  exp = experiment.Experiment(c, tmp_path / 'w')
+  assert exp.batch_shape == (4, 4, 4) and len(exp.source) == len(load_digits('train')[0])
+  images = jnp.asarray(load_digits('train')[0][:4], jnp.float32) / 127.5 - 1
+  model = autoencoder.get_autoencoder('small', **FIELDS)
+  want = 0.5 * model.apply({'params': exp.latent.params}, jax.image.resize(images, (4, 16, 16, 1), 'bilinear'),
+                           method='encode').mean
+  got = np.stack([exp.source[i]['latent'] for i in range(4)])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  with (tmp_path / 'cache.npz').open('rb') as f:
+    assert json.loads(str(np.load(f)['record']))['autoencoder_sha256'] == record['sha256']
+  batch = next(iter(exp.data_iterator()))
+  cached = np.stack([exp.source[i]['latent'] for i in range(len(exp.source))])
+  assert batch['x'].shape == (16, 4, 4, 4)
+  assert all(np.min(np.max(np.abs(cached - x), axis=(1, 2, 3))) == 0 for x in batch['x'])  # rows of the cache
+  again = experiment.Experiment(c, tmp_path / 'w2')  # read back, not re-encoded
+  np.testing.assert_array_equal(np.stack([again.source[i]['latent'] for i in range(4)]), got)
+  other = tmp_path / 'other_ae'
+  _save_tiny(other, seed=4)
+  with pytest.raises(config_lib.ConfigError, match='autoencoder_sha256') as error:
+    experiment.Experiment(_config(other, **{'data.latents.cache': str(tmp_path / 'cache.npz')}), tmp_path / 'w3')
+  assert error.value.key == 'data.latents.cache'
+
+
+@pytest.mark.parametrize('overrides, key, match', [
+    ({'data.latents.autoencoder': ''}, 'data.latents.autoencoder', 'no autoencoder'),
+    ({'data.latents.autoencoder': '/nonexistent/ae'}, 'data.latents.autoencoder', 'autoencoder_digits.py --save'),
+    ({'data.latents.autoencoder': '/nonexistent/vae.safetensors', 'data.latents.preset': 'sd'},
+     'data.latents.autoencoder', 'curl'),
+    ({'data.latents.autoencoder': '/nonexistent/vae.safetensors'}, 'data.latents.preset', 'architecture'),
+    ({'data.latents.mode': 'offline'}, 'data.latents.mode', 'one of'),
+    ({'data.random_flip': True}, 'data.random_flip', 'on_the_fly'),
+    ({'model.overrides.out_channels': 2}, 'data.latents.autoencoder', '4 latent channels'),
+])
+def test_bad_latent_configs_name_the_key(run, tmp_path, overrides, key, match):
+  ae_dir, _, _ = run
+  c = _config(ae_dir)
+  for name, value in overrides.items():
+    *path, leaf = name.split('.')
+    section = c
+    for part in path:
+      section = section[part]
+    section[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=match) as error:
+    experiment.Experiment(c, tmp_path / 'w')
+  assert error.value.key == key
+
+
+def test_an_autoencoder_of_other_channels_or_an_altered_file_is_refused(tmp_path):
+  rgb = tmp_path / 'rgb'
+  _save_tiny(rgb, {**FIELDS, 'in_channels': 3}, input_shape=(16, 16, 3))
+  with pytest.raises(config_lib.ConfigError, match='3-channel') as error:
+    experiment.Experiment(_config(rgb), tmp_path / 'w')
+  assert error.value.key == 'data.latents.autoencoder'
+  altered = tmp_path / 'altered'
+  _save_tiny(altered)
+  data = bytearray((altered / 'params.npz').read_bytes())
+  data[len(data) // 2] ^= 1  # one bit of the weights
+  (altered / 'params.npz').write_bytes(bytes(data))
+  with pytest.raises(config_lib.ConfigError, match='sha256'):
+    experiment.Experiment(_config(altered), tmp_path / 'w2')
