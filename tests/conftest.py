@@ -1,7 +1,7 @@
 """Test-wide JAX settings: strict dtype promotion and no implicit rank promotion, as library code must obey.
 
-Compiled programs are cached on disk (shared by the pytest workers and the trainer subprocesses they start), so
-the end-to-end tests that run the same tiny config several times compile it once. XLA's backend optimisation is
+Compiled programs are cached on disk (shared by the pytest workers and the trainer subprocesses they start, all
+under JAX's file lock), so the end-to-end tests that run the same tiny config several times compile it once. XLA's backend optimisation is
 off (unless ``XLA_FLAGS`` sets it): the test programs are tiny, so compiling dominates, and level 0 compiles them
 several times faster; the tests check the maths, which every level must get right.
 
@@ -19,6 +19,10 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettemp
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('DIFFAX_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'diffax-test-cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# The trainer subprocesses share the cache with a size limit, which makes JAX lock every read and write; the
+# pytest workers must lock too (same limit as diffax.trainer.compile_cache.MAX_SIZE_BYTES), or an eviction scan
+# meets an entry whose access-time file is not written yet and the write fails.
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 * 2**30))
 _SESSION_TMP = tempfile.mkdtemp(prefix='diffax-tests-')  # after the caches above, which outlive the session
 os.environ['TMPDIR'] = tempfile.tempdir = _SESSION_TMP
 atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
