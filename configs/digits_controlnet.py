@@ -6,15 +6,16 @@ Commands (the base first; ``make run`` trains exactly it):
 
 The base is frozen; a trainable copy of its encoder (started from the base's weights), a small conditioning
 encoder and zero-initialised 1x1 convolutions (Zhang et al. 2023) train for 600 steps on the Sobel edge maps of
-the training digits (``finetune.control.kind='edges'``; ``'lowres'`` for 2x2 block means), about 2 minutes on
-2 CPU cores. At the end the sample grid follows the edge maps of test digits (sample ``i`` gets a digit of class
+the training digits (``finetune.control.kind='edges'``; ``'lowres'`` for 2x2 block means), 252 s on a loaded
+2-core CPU. At the end the sample grid follows the edge maps of test digits (sample ``i`` gets a digit of class
 ``i mod 10``); sample with your own control images, [N, 8, 8, 1] in [0, 1] as .npy or a grey .png, at a chosen
 conditioning scale:
   python -m diffax.main --config configs/digits_controlnet.py --workdir workdirs/digits_controlnet --mode sample \\
       --config.sample.control=edges.npy --config.sample.control_scale=1.0
 
-Expect the edge maps of the samples to lie much closer to the requested ones than those of the uncontrolled base
-(``experiments/finetune_digits.py``; see experiments/results/finetune_digits.md).
+Measured (``experiments/finetune_digits.py``, 200 samples): the mean absolute error between a sample's edge map
+and the requested one is 0.042, against 0.140 for the uncontrolled base (= this ControlNet at scale 0) and 0.134
+for another real digit of the same class; the classifier reads 99.5 % of the samples as their class.
 ``get_config('runlocal')`` shrinks it to a few steps (tests; pass ``--config.finetune.base_workdir``).
 """
 

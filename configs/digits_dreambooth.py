@@ -9,7 +9,9 @@ The model gets an 11th class, label 10 (the instance token [V]), whose embedding
 class_images.png``), and the whole model is fine-tuned for 300 steps on the 5 instance images (the first five
 sevens of the training split, drawn bold) and those class images with the prior-preservation loss of Ruiz et al.
 2023, eq. 2 (lambda = ``finetune.dreambooth.prior_weight`` = 1). The sample grid's column 10 shows the instance
-label: bold sevens; column 7 keeps the base's sevens (``experiments/finetune_digits.py`` measures both).
+label: bold sevens; column 7 keeps the base's sevens. Measured (``experiments/finetune_digits.py``, 129 s of
+training on a loaded 2-core CPU): label 10 draws mean ink 0.654 (the instances: 0.635), label 7 keeps 0.297 (the
+base's sevens: 0.298) and all of its samples are read as 7 by the digits classifier.
 
 ``get_config('runlocal')`` shrinks it to a few steps (tests; pass ``--config.finetune.base_workdir``).
 """

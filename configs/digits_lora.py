@@ -6,10 +6,11 @@ Commands (the base first; ``make run`` trains exactly it):
 
 The base's EMA weights are read from ``finetune.base_workdir`` (never written), frozen through optax, and rank-4
 adapters on the attention projections and the ResBlock convolutions (23.6 k next to the base's 178 k) train
-for 400 steps on ``data.style='bold'`` (about 1 minute on 2 CPU cores). The adapters alone are written to
-``workdirs/digits_lora/adapters/lora.npz`` (+ ``.json``) at every checkpoint. Expect the samples' mean ink to
-move most of the way from the scanned digits' towards the bold digits' while the digits classifier still
-recognises the class (``experiments/finetune_digits.py`` measures both; see experiments/results/finetune_digits.md).
+for 400 steps on ``data.style='bold'`` (260 s on a loaded 2-core CPU). The adapters alone are written to
+``workdirs/digits_lora/adapters/lora.npz`` (+ ``.json``) at every checkpoint. Measured (200 samples,
+``experiments/finetune_digits.py``): the samples' mean ink moves from the base's 0.313 to 0.597 (real scanned
+digits 0.303, bold 0.599) and the digits classifier still gives the class of 70 % of them (of real bold digits:
+63 %); merged at weight 0.5 the adapters give ink 0.451.
 
 Sample the base with one or several adapters merged at chosen weights (the samples go to that workdir's
 ``samples/``; the LoRA run itself samples with its own adapters, plus any given here):
