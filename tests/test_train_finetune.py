@@ -8,8 +8,6 @@ import pathlib
 import shutil
 import subprocess
 
-import ast
-
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
@@ -37,19 +35,7 @@ def _digest(directory: pathlib.Path) -> dict[str, str]:
 
 
 def _config(name: str, *overrides: str):
-  """``configs/<name>.py:runlocal`` with command-line style overrides (as :func:`trainer_runs.load_test_config`)."""
-  config = config_lib.load_file(CONFIGS / f'{name}.py', 'runlocal')
-  for override in overrides:
-    key, value = override.split('=', 1)
-    *path, leaf = key.split('.')
-    section = config
-    for part in path:
-      section = section[part]
-    try:
-      section[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      section[leaf] = value
-  return config
+  return trainer_runs.load_test_config(*overrides, name=name)
 
 
 @pytest.fixture(scope='module')

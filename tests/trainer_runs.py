@@ -58,12 +58,13 @@ def final_params(workdir, *overrides: str, step: int | None = None) -> tuple[int
   return int(state.step), np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)])
 
 
-def load_test_config(*overrides: str):
-  """The digits test config with ``key=value`` overrides applied as the command line would."""
+def load_test_config(*overrides: str, name: str = 'digits'):
+  """``configs/<name>.py:runlocal`` (the digits test config by default) with ``key=value`` overrides applied as
+  the command line would."""
   import ast  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
 
-  spec = importlib.util.spec_from_file_location('digits_config', REPO / 'configs' / 'digits.py')
+  spec = importlib.util.spec_from_file_location(f'{name}_config', REPO / 'configs' / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config('runlocal')
