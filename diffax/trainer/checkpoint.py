@@ -20,6 +20,8 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from etils import epath
 
+from diffax.trainer import train_state
+
 
 class Checkpointer:
   """Keeps the last ``keep`` checkpoints plus every ``keep_period``-th step under ``directory``."""
@@ -51,11 +53,13 @@ class Checkpointer:
     """
     steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
     for candidate in steps:
-      items = {'state': ocp.args.StandardRestore(abstract_state)}
+      legacy = self._without_frozen(candidate, abstract_state)
+      items = {'state': ocp.args.StandardRestore(abstract_state if legacy is None else legacy)}
       if data_iterator is not None:
         items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
-        return self._manager.restore(candidate, args=ocp.args.Composite(**items)).state
+        state = self._manager.restore(candidate, args=ocp.args.Composite(**items)).state
+        return state if legacy is None else state.upgrade()
       except Exception as error:  # noqa: BLE001 -- any read failure means this checkpoint is unusable
         if step is not None:
           raise RuntimeError(f'Checkpoint {self.directory / str(step)} cannot be read: {error}') from error
@@ -63,6 +67,18 @@ class Checkpointer:
                       candidate, self.directory, type(error).__name__, error)
         self._set_aside(candidate)
     return None
+
+  def _without_frozen(self, step: int, abstract_state: Any) -> train_state.StateWithoutFrozen | None:
+    """The abstract state without ``frozen`` when the checkpoint at ``step`` predates that field and this run has
+    no frozen networks (else ``None``: restore as it is; a run with frozen networks cannot use such a checkpoint)."""
+    if not isinstance(abstract_state, train_state.TrainState) or jax.tree.leaves(abstract_state.frozen):
+      return None
+    try:
+      metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / 'state')
+    except Exception:  # noqa: BLE001 -- an unreadable checkpoint is reported by the restore itself
+      return None
+    tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+    return None if 'frozen' in tree else train_state.StateWithoutFrozen.like(abstract_state)
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable checkpoint out of the manager's way without deleting it."""

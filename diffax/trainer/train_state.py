@@ -34,6 +34,25 @@ class TrainState(flax.struct.PyTreeNode):
   frozen: Any
 
 
+class StateWithoutFrozen(flax.struct.PyTreeNode):
+  """The state as checkpoints written before ``TrainState.frozen`` existed hold it; :meth:`upgrade` reads such a
+  checkpoint into a :class:`TrainState` with no frozen networks, so those runs still resume and evaluate."""
+  step: Array
+  params: Any
+  ema_params: tuple[Any, ...]
+  opt_state: Any
+  rng: Array
+
+  @classmethod
+  def like(cls, state: TrainState) -> StateWithoutFrozen:
+    return cls(step=state.step, params=state.params, ema_params=state.ema_params, opt_state=state.opt_state,
+               rng=state.rng)
+
+  def upgrade(self) -> TrainState:
+    return TrainState(step=self.step, params=self.params, ema_params=self.ema_params, opt_state=self.opt_state,
+                      rng=self.rng, frozen={})
+
+
 def _init_fn(init_params: Callable[[Array], Any], optimizer: optax.GradientTransformation, num_ema: int,
              frozen_like: Callable[[Any], Any] | None) -> Callable[[Array], TrainState]:
 
