@@ -3,7 +3,8 @@
   python experiments/sampler_accuracy.py            # the full table (NFE 5 ... 1000), ~15 min on 2 CPU cores
   python experiments/sampler_accuracy.py --quick    # NFE 10 and 50 only, a few minutes (what `make run` does)
   python experiments/sampler_accuracy.py --few-step --out experiments/results/sampler_accuracy_few_step.md
-                                                    # 5-20 NFE: every few-step solver x grid x final step, ~10 min
+                                                    # 5-20 NFE: every few-step solver x grid (incl. one optimised
+                                                    # for it) x final step x final order, ~30 min
 
 Every sampler is driven by the exact denoiser of a 2-D ring mixture with unequal weights and of a 64-D
 anisotropic mixture, so all error comes from the sampler. For each sampler and model-evaluation budget it prints
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 
 from diffax.diffusion import schedules
 from diffax.diffusion.parameterization import Denoiser
-from diffax.diffusion.samplers import ancestral, ddim, deis, dpm_solver, edm, ode, pc, unipc
+from diffax.diffusion.samplers import ancestral, base, ddim, deis, dpm_solver, edm, grid_search, ode, pc, unipc
 from diffax.testing import metrics, mixtures
 
 
@@ -73,55 +74,84 @@ def _entries() -> list[Entry]:
 
 FEW_STEP_SOLVERS = {
     'dpm-solver++(2m)': functools.partial(dpm_solver.dpm_solver_sample, order=2),
-    'dpm-solver++(3m)': functools.partial(dpm_solver.dpm_solver_sample, order=3),
     'unipc-2 bh2': functools.partial(unipc.unipc_sample, order=2, variant='bh2'),
-    'unipc-3 bh2': functools.partial(unipc.unipc_sample, order=3, variant='bh2'),
-    'unipc-3 bh1': functools.partial(unipc.unipc_sample, order=3, variant='bh1'),
     'deis-3': functools.partial(deis.deis_sample, order=3),
     'ipndm-4': functools.partial(deis.ipndm_sample, order=4),
 }
-"""Few-step solvers, each crossed with the grids and final steps of :func:`few_step_table`."""
-BASELINES = (('dpm-solver++(2m)', 'linspace', True), ('unipc-2 bh2', 'linspace', True))
-"""diffusers' DPMSolverMultistep and UniPC defaults: time-uniform 'linspace' integer grid, final sigma zero."""
+"""Few-step solvers, each crossed with the grids, final steps and final orders of :func:`few_step_table` (the
+third-order DPM-Solver++(3M) and UniPC-3 overshoot below 15 NFE, sampler_accuracy.md, and are left out here)."""
+GRIDS = ('log_snr', 'karras', 'linspace')
+OPTIMISED = ('dpm-solver++(2m)', 'unipc-2 bh2')
+"""Solvers that also run on a grid optimised for them (``grid_search.optimize_grid``) at each NFE, stopping at
+t_min with ``lower_order_final``."""
+BASELINES = (('dpm-solver++(2m)', 'linspace', True, True), ('unipc-2 bh2', 'linspace', True, True))
+"""diffusers' DPMSolverMultistep and UniPC defaults: time-uniform 'linspace' integer grid, final sigma zero,
+lower_order_final."""
+FINAL = {True: 'jump', False: 'stop', None: 'AB to 0'}
 
 
-def few_step_table(mixture: mixtures.GaussianMixture, label: str, nfes: list[int], n: int) -> list[str]:
-  """For each NFE: every solver x grid (log-SNR, Karras, diffusers' linspace) x final step (jump to the
-  x0-prediction or stop at t_min) on LinearSchedule; the best configuration by sliced W2 next to the floor, the
-  default of each solver, and diffusers' time-uniform baselines."""
+def _few_step_grid(schedule, nfe: int, spacing: str, final: bool | None) -> jax.Array:
+  if final is None:  # iPNDM: its own grid, always to t = 0
+    return base.time_grid(schedule, nfe, spacing, convention='multistep')
+  return base.solver_grid(schedule, nfe, spacing, denoise_to_zero=final)
+
+
+def few_step_table(mixture: mixtures.GaussianMixture, label: str, nfes: list[int], n: int,
+                   search_iterations: int) -> list[str]:
+  """For each NFE: every solver x grid (log-SNR, Karras, diffusers' linspace, and for ``OPTIMISED`` a grid
+  optimised for it on a calibration batch of 256 other starts) x final step (jump to the x0-prediction or stop at
+  t_min) x ``lower_order_final`` (both where the steps stop at t_min, True before the jump) on LinearSchedule. A
+  summary (the best configuration by sliced W2 next to the floor and diffusers' time-uniform baselines) and every
+  configuration's SW / sharpness per NFE."""
   floor, reference = metrics.noise_floor(mixture, n, jax.random.PRNGKey(1))
   schedule = schedules.LinearSchedule()
   denoiser = mixture.denoiser(schedule)
-  rows = [f'\n### {label}: 5-{max(nfes)} NFE (n = {n}, LinearSchedule)\n',
-          '| NFE | best: solver, grid, final step | SW | sharpness | unipc default | deis default | '
-          'dpm-solver++ default | diffusers dpm++(2m) linspace | diffusers unipc linspace | floor SW |',
-          '|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  results = {}
+  for name, solver in FEW_STEP_SOLVERS.items():
+    finals = (None,) if name.startswith('ipndm') else (True, False)
+    for nfe, final, lof in itertools.product(nfes, finals, (True, False)):
+      if final and not lof:
+        continue  # the jump is first order: for the order-2 solvers lower_order_final changes nothing there
+      kwargs = {'lower_order_final': lof} | ({} if final is None else {'denoise_to_zero': final})
+      # One compiled program per solver setting serves every grid: the times are an argument.
+      fn = jax.jit(lambda rng, ts, f=solver, kw=kwargs, k=nfe: f(denoiser, rng, (n, mixture.dim), num_steps=k,
+                                                                 spacing=ts, **kw))
+      grids = {spacing: _few_step_grid(schedule, nfe, spacing, final) for spacing in GRIDS}
+      if name in OPTIMISED and lof and not final:
+        grids['optimised'] = grid_search.optimize_grid(denoiser, solver, jax.random.PRNGKey(7), (256, mixture.dim),
+                                                       num_steps=nfe, sampler_kwargs=kwargs,
+                                                       iterations=search_iterations)
+      for spacing, ts in grids.items():
+        report = metrics.mixture_report(fn(jax.random.PRNGKey(0), ts).samples, mixture, reference,
+                                        jax.random.PRNGKey(2))
+        results[name, spacing, final, lof, nfe] = report
+    print(f'  {label}: {name} done', flush=True)
+  cell = lambda r: f"{r['sw']:.4f} / {r['sharpness']:.2f}"
+  rows = [f'\n### {label}: {min(nfes)}-{max(nfes)} NFE (n = {n}, LinearSchedule)\n',
+          '| NFE | best: solver, grid, final step, lower_order_final | SW | sharpness | best on a named grid | '
+          'diffusers dpm++(2m) linspace | diffusers unipc-2 linspace | floor SW |',
+          '|---:|---|---:|---:|---:|---:|---:|---:|']
   for nfe in nfes:
-    results = {}
-    for name, solver in FEW_STEP_SOLVERS.items():
-      finals = (None,) if name.startswith('ipndm') else (True, False)
-      for spacing, final in itertools.product(('log_snr', 'karras', 'linspace'), finals):
-        kwargs = {} if final is None else {'denoise_to_zero': final}
-        fn = jax.jit(lambda rng, f=solver, kw=kwargs, sp=spacing: f(denoiser, rng, (n, mixture.dim), num_steps=nfe,
-                                                                    spacing=sp, **kw))
-        report = metrics.mixture_report(fn(jax.random.PRNGKey(0)).samples, mixture, reference, jax.random.PRNGKey(2))
-        results[name, spacing, final] = report
-    for key, solver in (('unipc default', unipc.unipc_sample), ('deis default', deis.deis_sample),
-                        ('dpm default', dpm_solver.dpm_solver_sample)):
-      fn = jax.jit(lambda rng, f=solver: f(denoiser, rng, (n, mixture.dim), num_steps=nfe))
-      results[key] = metrics.mixture_report(fn(jax.random.PRNGKey(0)).samples, mixture, reference,
-                                            jax.random.PRNGKey(2))
-    configs = [k for k in results if isinstance(k, tuple)]
+    configs = [k for k in results if k[-1] == nfe]
     best = min(configs, key=lambda k: results[k]['sw'])
-    cell = lambda r: f"{r['sw']:.4f} / {r['sharpness']:.2f}"
-    final_name = {True: 'jump to x0', False: 'stop at t_min', None: 'AB to 0'}[best[2]]
-    rows.append(f"| {nfe} | {best[0]}, {best[1]}, {final_name} | {results[best]['sw']:.4f} | "
-                f"{results[best]['sharpness']:.3f} | {cell(results['unipc default'])} | "
-                f"{cell(results['deis default'])} | {cell(results['dpm default'])} | "
-                f"{cell(results[BASELINES[0]])} | {cell(results[BASELINES[1]])} | {floor['sw']:.4f} |")
-    print(rows[-1], flush=True)
-  rows.append('\nCells are sliced W2 / sharpness (1 is exact). Defaults: unipc = UniPC-2 bh2, log-SNR, stop at t_min; '
-              'deis = DEIS-3, log-SNR, jump; dpm-solver++ = 2M, log-SNR, jump.')
+    named = min((k for k in configs if k[1] != 'optimised'), key=lambda k: results[k]['sw'])
+    rows.append(f"| {nfe} | {best[0]}, {best[1]}, {FINAL[best[2]]}, lof={best[3]} | {results[best]['sw']:.4f} | "
+                f"{results[best]['sharpness']:.3f} | {cell(results[named])} ({named[0]}, {named[1]}, "
+                f"{FINAL[named[2]]}, lof={named[3]}) | {cell(results[(*BASELINES[0], nfe)])} | "
+                f"{cell(results[(*BASELINES[1], nfe)])} | {floor['sw']:.4f} |")
+  rows += [f'\n#### {label}: every configuration, SW / sharpness\n',
+           '| solver | grid | final step | lower_order_final | ' + ' | '.join(f'NFE {k}' for k in nfes) + ' |',
+           '|---|---|---|---|' + '---:|' * len(nfes)]
+  for key in sorted({k[:-1] for k in results}, key=lambda k: (list(FEW_STEP_SOLVERS).index(k[0]), k[1], str(k[2]),
+                                                               not k[3])):
+    rows.append(f'| {key[0]} | {key[1]} | {FINAL[key[2]]} | {key[3]} | ' +
+                ' | '.join(cell(results[(*key, k)]) for k in nfes) + ' |')
+  rows.append('\nCells are sliced W2 / sharpness (1 is exact). "jump": the last step goes to t = 0 by the '
+              'x0-prediction (denoise_to_zero=True); "stop": the steps end at t_min; "AB to 0": iPNDM extrapolates '
+              'to rho = 0. "optimised": grid_search.optimize_grid for that solver setting and NFE '
+              f'({search_iterations} Adam steps on 256 calibration starts, other seeds than the evaluated ones).')
+  for r in rows:
+    print(r, flush=True)
   return rows
 
 
@@ -219,14 +249,21 @@ def main() -> None:
   parser.add_argument('--overhead-batch', type=int, default=256, help='batch of the overhead table')
   parser.add_argument('--out', default=None, help='also write the markdown tables to this file')
   parser.add_argument('--few-step', action='store_true', help='only the 5-20 NFE solver x grid x final-step table')
+  parser.add_argument('--search-iterations', type=int, default=100, help='Adam steps of each optimised grid')
+  parser.add_argument('--mixtures', nargs='+', default=['ring', 'aniso'], choices=['ring', 'aniso'],
+                      help='mixtures of the few-step table')
   args = parser.parse_args()
   if args.few_step:
     nfes, n = args.nfe or [5, 6, 8, 10, 15, 20], args.samples or 2048
     header = (f"# Few-step sampler accuracy\n\n`python experiments/sampler_accuracy.py {' '.join(sys.argv[1:])}` on "
               f'{jax.devices()[0].platform.upper()}, jax {jax.__version__}, {time.strftime("%Y-%m-%d")}.\n')
     print(header)
-    rows = few_step_table(mixtures.ring_mixture(), '2-D ring mixture', nfes, n)
-    rows += few_step_table(mixtures.anisotropic_mixture(), '64-D anisotropic mixture', nfes, n)
+    rows = []
+    if 'ring' in args.mixtures:
+      rows += few_step_table(mixtures.ring_mixture(), '2-D ring mixture', nfes, n, args.search_iterations)
+    if 'aniso' in args.mixtures:
+      rows += few_step_table(mixtures.anisotropic_mixture(), '64-D anisotropic mixture', nfes, n,
+                             args.search_iterations)
     text = header + '\n'.join(rows)
     print(text)
     if args.out:

@@ -43,7 +43,7 @@ def _deterministic_runs(schedule):
                                                    spacing='log_snr'),
       'edm_heun': lambda m, r, x: samplers.edm_heun_sample(Denoiser(m, schedule), r, x.shape, num_steps=100, x_T=x),
       'dpm_solver': lambda m, r, x: samplers.dpm_solver_sample(Denoiser(m, schedule), r, x.shape, num_steps=100,
-                                                               x_T=x),
+                                                               denoise_to_zero=True, x_T=x),
       'adaptive_ode': lambda m, r, x: samplers.adaptive_ode_sample(Denoiser(m, schedule), r, x.shape, x_T=x,
                                                                    rtol=1e-6, atol=1e-6),
   }
@@ -169,6 +169,8 @@ def _small_vp_ring_run(name, **kwargs):
     model_fn = checks.bf16_model(model_fn)
   x_T = schedule.prior_sample(jax.random.PRNGKey(3), (256, 2))
   denoiser = Denoiser(model_fn, schedule, prediction, clip_x0=clip_x0)
+  if name == 'dpm_solver':  # its final step to t = 0 (the default stops at t_min)
+    kwargs['denoise_to_zero'] = True
   run = lambda rng: samplers.SAMPLERS[name](denoiser, rng, (256, 2), num_steps=8, x_T=x_T, **kwargs).samples
   return jax.jit(run)(jax.random.PRNGKey(0))
 

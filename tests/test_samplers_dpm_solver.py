@@ -23,6 +23,8 @@ SCHEDULES = {'edm': schedules.EDM(), 'vp': schedules.VPSDE(), 'linear': schedule
 SAMPLERS = {'dpm': dpm_solver.dpm_solver_sample, 'ddim': ddim.ddim_sample}
 VARIANTS = {'2M': {}, '3M': {'order': 3}, '2S': {'method': 'singlestep'}}
 SMALL = {'num_steps': 8, 'return_trajectory': True}  # the small ring / VP run that unit checks share
+JUMP = {'denoise_to_zero': True}
+"""DPM-Solver++'s final step in these closed-form checks, measured before its default became the stop at t_min."""
 
 
 @functools.cache
@@ -41,6 +43,7 @@ def sample(sampler: str, mix: str, sched: str, n: int, prediction: str = 'eps', 
   """One jitted run of the exact model (in bf16 if asked) from the fixed prior draw ``x_T(sched, mix, n)``;
   checks that the reported ``nfe`` is the number of model calls that really ran."""
   mixture, schedule = MIXTURES[mix], SCHEDULES[sched]
+  kwargs = {**JUMP, **kwargs} if sampler == 'dpm' else kwargs
   model_fn = mixture.model_fn(schedule, prediction)
   model_fn = checks.bf16_model(model_fn) if precision == 'bf16' else model_fn
   run = checks.nfe_checked(SAMPLERS[sampler], Denoiser(model_fn, schedule, prediction), shape=(n, mixture.dim),
@@ -131,7 +134,7 @@ def test_jit_unjit_trajectory_and_nfe():
   jitted = sample('dpm', 'ring', 'vp', B, **SMALL)
   x_start = x_T('vp', 'ring', B)
   eager = dpm_solver.dpm_solver_sample(MIXTURES['ring'].denoiser(SCHEDULES['vp']), jax.random.PRNGKey(5), (B, 2),
-                                       x_T=x_start, **SMALL)
+                                       x_T=x_start, **JUMP, **SMALL)
   assert int(eager.nfe) == int(jitted.nfe) == 8
   np.testing.assert_allclose(eager.trajectory, jitted.trajectory, atol=1e-5)
   assert jitted.trajectory.shape == (9, B, 2)

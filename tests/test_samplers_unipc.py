@@ -18,7 +18,8 @@ N = 2000  # samples per accuracy run
 B = 256  # samples per trajectory-level check
 MIXTURES = {'ring': mixtures.ring_mixture(), 'aniso': mixtures.anisotropic_mixture()}
 SCHEDULES = {'vp': schedules.VPSDE(), 'linear': schedules.LinearSchedule(), 'edm': schedules.EDM()}
-SAMPLERS = {'unipc': unipc.unipc_sample, 'ddim': ddim.ddim_sample, 'dpm': dpm_solver.dpm_solver_sample}
+SAMPLERS = {'unipc': unipc.unipc_sample, 'ddim': ddim.ddim_sample,
+            'dpm': functools.partial(dpm_solver.dpm_solver_sample, denoise_to_zero=True)}
 
 
 @functools.cache

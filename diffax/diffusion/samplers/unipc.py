@@ -115,11 +115,15 @@ def unipc_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_st
                  return_trajectory: bool = False) -> base.SampleOutput:
   """Samples [*shape] with UniPC (module docstring); ``num_steps + final_corrector`` model evaluations.
 
-  Defaults chosen from ``experiments/results/sampler_accuracy.md`` (exact mixtures, LinearSchedule, 5-20
-  evaluations): UniPC-2 with ``B(h) = e^h - 1`` on the log-SNR grid, ending at ``t_min`` without the jump to the
-  x0-prediction. At 5-10 evaluations that beats DPM-Solver++(2M)'s defaults (sliced W2 on the ring 0.062 / 0.052 /
-  0.045 against 0.071 / 0.073 / 0.056 at 5 / 8 / 10) and every diffusers-style ``'linspace'`` grid (0.22 at 5);
-  order 3 overshoots below 15 evaluations (0.45 at 5), and the jump from ``t_min`` costs accuracy at 5-8.
+  Defaults chosen from ``experiments/results/sampler_accuracy_few_step.md`` (exact mixtures, LinearSchedule,
+  sliced W2 at 5 / 10 / 20 NFE): UniPC-2 with ``B(h) = e^h - 1`` on the log-SNR grid, ending at ``t_min``
+  without the jump to the x0-prediction, with ``lower_order_final``: ring 0.062 / 0.045 / 0.041, 64-D 0.044 /
+  0.020 / 0.018. The jump costs at 5-10 (ring 0.073 / 0.051, 64-D 0.054 / 0.023); without
+  ``lower_order_final`` the ring loses at 5 (0.110) and both lose at 10 (0.046 / 0.022), the 64-D mixture gains at
+  5 (0.022); the Karras grid loses at 5 (0.116 / 0.113) and diffusers' ``'linspace'`` everywhere (0.22 / 0.15
+  at 5). Order 3 overshoots below 15 evaluations (``sampler_accuracy.md``). A grid optimised for the model
+  (:func:`grid_search.optimize_grid`) is the best configuration measured at 5 NFE: 0.038 (ring) and 0.018 (64-D,
+  the floor is 0.017).
 
   Args:
     denoiser: the model under its schedule and parameterisation.
