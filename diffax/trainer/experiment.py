@@ -156,7 +156,8 @@ class Experiment:
       rng = jax.eval_shape(jax.random.PRNGKey, 0)
       labels = jax.ShapeDtypeStruct((batch_size, *(self.cond_shape or ())), jnp.int32)
       self._compiled_generate[batch_size] = latents.decoding(self.latent, sharding.compile_on_all_processes(
-          jitted, self.abstract_state.params, rng, labels, name=f'generate_{batch_size}'))  # decoded latents
+          jitted, self.abstract_state.params, rng, labels, name=f'generate_{batch_size}'),
+          sharding.replicated(self.mesh))  # latent samples decoded
     return self._compiled_generate[batch_size]
 
   def grid_labels(self, n: int) -> jax.Array:

@@ -251,14 +251,15 @@ def objective(space: LatentSpace | None, base: Objective) -> Objective:
   return Objective(loss_at=loss_at, frozen_like=frozen_like, initial=initial, update_frozen=update_frozen)
 
 
-def decoding(space: LatentSpace | None, generate: Callable[..., tuple[Array, Array]]
-             ) -> Callable[..., tuple[Array, Array]]:
+def decoding(space: LatentSpace | None, generate: Callable[..., tuple[Array, Array]],
+             replicated: jax.sharding.Sharding) -> Callable[..., tuple[Array, Array]]:
   """``generate(params, rng, labels) -> (samples, nfe)`` with the latent samples decoded to images
-  [B, *data_shape] (one more compiled program; the autoencoder's params are its argument, not constants)."""
+  [B, *data_shape] (one more compiled program; the autoencoder's params, placed ``replicated`` over the mesh, are
+  its argument, not constants)."""
   if space is None:
     return generate
   decode = jax.jit(space.decode)
-  params = jax.device_put(space.params)
+  params = jax.device_put(space.params, replicated)
 
   def run(*args):
     latents, nfe = generate(*args)
