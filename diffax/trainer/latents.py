@@ -235,9 +235,9 @@ def objective(space: LatentSpace | None, base: Objective) -> Objective:
 
     return loss_fn
 
-  def frozen_like(params):  # the saved weights enter the init once; restores read them from the checkpoint
+  def frozen_like(params):  # shapes only: `initial` places the saved weights, restores read the checkpoint's
     return {**(base.frozen_like(params) if base.frozen_like else {}),
-            'autoencoder': jax.tree.map(jnp.asarray, space.params)}
+            'autoencoder': jax.tree.map(lambda w: jnp.zeros(w.shape, w.dtype), space.params)}
 
   def update_frozen(step, params, frozen):
     if base.update_frozen is None:
@@ -245,9 +245,10 @@ def objective(space: LatentSpace | None, base: Objective) -> Objective:
     rest = base.update_frozen(step, params, {k: v for k, v in frozen.items() if k != 'autoencoder'})
     return {**rest, 'autoencoder': frozen['autoencoder']}
 
-  initial = None
-  if base.initial is not None:
-    initial = lambda abstract: (lambda p, f: (p, {**f, 'autoencoder': space.params}))(*base.initial(abstract))
+  def initial(abstract):
+    params, frozen = base.initial(abstract) if base.initial is not None else (None, {})
+    return params, {**frozen, 'autoencoder': space.params}
+
   return Objective(loss_at=loss_at, frozen_like=frozen_like, initial=initial, update_frozen=update_frozen)
 
 

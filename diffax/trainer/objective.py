@@ -31,7 +31,8 @@ class Objective:
     frozen_like: ``params -> frozen``: the frozen tree built from freshly initialised parameters (traced in the
       abstract init for shapes and shardings); ``None`` for none (``{}``).
     initial: ``abstract_params -> (params, frozen)`` as host arrays for step 0, e.g. a student and its frozen
-      teacher both read from the teacher's checkpoint; ``None`` keeps the random initialisation.
+      teacher both read from the teacher's checkpoint (``params=None`` keeps the random parameters, e.g. beside a
+      frozen autoencoder read from a file); ``None`` keeps the random initialisation and ``frozen_like``'s tree.
     update_frozen: ``(step after the update [] int32, params, frozen) -> frozen`` run after each update (e.g.
       progressive distillation's teacher replaced by the student at the end of a round); ``None`` = never.
   """

@@ -93,16 +93,18 @@ def create(init_params: Callable[[Array], Any], optimizer: optax.GradientTransfo
   """The initial state, initialised directly into ``shardings`` (from :func:`abstract_state`).
 
   ``initial(abstract_params) -> (params, frozen)`` (host arrays, e.g. read from another run's checkpoint) replaces
-  the random parameters, their EMA copies and the frozen tree; each process places only its own shards.
+  the random parameters and their EMA copies (unless ``params`` is ``None``) and the frozen tree; each process
+  places only its own shards.
   """
   init = _init_fn(init_params, optimizer, num_ema, frozen_like)
   state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(jax.random.PRNGKey(seed))
   if initial is None:
     return state
   params, frozen = initial(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params))
-  return state.replace(params=_place(params, state.params),
-                       ema_params=tuple(_place(params, ema) for ema in state.ema_params),
-                       frozen=_place(frozen, state.frozen))
+  if params is not None:
+    state = state.replace(params=_place(params, state.params),
+                          ema_params=tuple(_place(params, ema) for ema in state.ema_params))
+  return state.replace(frozen=_place(frozen, state.frozen))
 
 
 def _place(host_tree: Any, like: Any) -> Any:
