@@ -89,7 +89,7 @@ def test_consistency_distillation_keeps_the_teacher_frozen(runs, tmp_path):
   for got, want in zip(_leaves(end.frozen['teacher']), ema):
     np.testing.assert_array_equal(got, want)
   assert any(not np.array_equal(a, b) for a, b in zip(_leaves(end.params), ema))  # initialised from it, trained
-  record = json.loads((students['consistency'] / 'run.json').read_text())
+  record = json.loads((students['consistency'] / 'config.json').read_text())
   assert record['config']['distill']['method'] == 'consistency_distillation' and record['example_shape'] == [8, 8, 1]
   assert (students['consistency'] / 'samples' / 'step_00000004.png').exists()
 
@@ -120,8 +120,8 @@ def test_a_teacher_of_another_network_or_shape_is_an_error_before_any_step(runs,
   assert error.value.key == 'model.overrides'
   moved = tmp_path / 'teacher_of_16x16'
   shutil.copytree(teacher, moved)
-  record = json.loads((moved / 'run.json').read_text())
-  (moved / 'run.json').write_text(json.dumps({**record, 'example_shape': [16, 16, 1]}))
+  record = json.loads((moved / 'config.json').read_text())
+  (moved / 'config.json').write_text(json.dumps({**record, 'example_shape': [16, 16, 1]}))
   with pytest.raises(config_lib.ConfigError, match=r'\(16, 16, 1\)'):
     experiment.Experiment(_config('consistency', moved), tmp_path / 'other_shape')
 

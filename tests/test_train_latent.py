@@ -58,7 +58,7 @@ def run(tmp_path_factory):
 def test_the_model_trains_on_latents_and_samples_are_decoded_digits(run):
   _, record, workdir = run
   assert record['latent_shape'] == [4, 4, 4]
-  assert json.loads((workdir / 'run.json').read_text())['example_shape'] == [4, 4, 4]
+  assert json.loads((workdir / 'config.json').read_text())['example_shape'] == [4, 4, 4]
   with (workdir / 'samples' / 'samples_step_00000006.npz').open('rb') as f:
     images = np.load(f)['images']
   assert images.shape == (16, 8, 8, 1) and images.dtype == np.uint8  # decoded and resized to the data's 8x8

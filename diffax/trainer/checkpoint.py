@@ -77,8 +77,10 @@ class Checkpointer:
       metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / 'state')
     except Exception:  # noqa: BLE001 -- an unreadable checkpoint is reported by the restore itself
       return None
-    tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
-    return None if 'frozen' in tree else train_state.StateWithoutFrozen.like(abstract_state)
+    tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') and metadata.item_metadata else metadata
+    if not isinstance(tree, dict) or 'frozen' in tree:
+      return None  # no readable metadata (the restore reports it) or a current checkpoint
+    return train_state.StateWithoutFrozen.like(abstract_state)
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable checkpoint out of the manager's way without deleting it."""

@@ -45,7 +45,7 @@ METHODS = ('progressive', 'consistency_distillation', 'consistency_training')
 CONSISTENCY = ('consistency_distillation', 'consistency_training')
 _TEACHER_KEYS = ('model.name', 'model.preset', 'model.overrides', 'diffusion.schedule', 'diffusion.schedule_kwargs',
                  'diffusion.prediction', 'data.num_classes')
-"""Keys a student must share with its teacher (its ``run.json``): the network, its schedule and its conditioning."""
+"""Keys a student must share with its teacher (its ``config.json``): the network, its schedule and its conditioning."""
 
 
 def defaults() -> dict[str, Any]:
@@ -123,9 +123,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def check_teacher(config: ml_collections.ConfigDict, example_shape: tuple[int, ...]) -> None:
-  """The teacher run's recorded config (``run.json``) against this one: same network, schedule, conditioning and
+  """The teacher run's recorded config (``config.json``) against this one: same network, schedule, conditioning and
   example shape, so a teacher of another architecture or image shape is an error before any step."""
-  path = epath.Path(config.distill.teacher_workdir) / 'run.json'
+  path = epath.Path(config.distill.teacher_workdir) / 'config.json'
   if not path.exists():
     return  # checkpoints without a run record are still checked leaf by leaf (restore_ema_params)
   run = json.loads(path.read_text())

@@ -150,10 +150,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
 
 def _write_run_record(exp: Experiment) -> None:
-  """``workdir/run.json``: the config and example shape this run trained with, read by runs that use it as a
+  """``workdir/config.json``: the config and example shape this run trained with, read by runs that use it as a
   teacher or base (:func:`diffax.trainer.distill.check_teacher`)."""
   record = {'config': json.loads(exp.config.to_json_best_effort()), 'example_shape': list(exp.image_shape)}
-  (exp.workdir / 'run.json').write_text(json.dumps(record, indent=2))
+  (exp.workdir / 'config.json').write_text(json.dumps(record, indent=2))
 
 
 def _summary(exp: Experiment, step: int, eval_path: str | None, seconds: float) -> None:
