@@ -17,17 +17,11 @@ Each ends with the digits metric (1,000 samples: digits_accuracy, digits_fd) as 
 ``experiments/distill_digits.py`` measures all of them against the teacher at 25 NFE.
 """
 
-import importlib.util
 import pathlib
 
+from diffax.trainer import config as config_lib
+
 VARIANTS = ('progressive', 'progressive_1', 'consistency', 'ict')
-
-
-def _digits_config():
-  spec = importlib.util.spec_from_file_location('digits_config', pathlib.Path(__file__).with_name('digits.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def get_config(arg: str | None = None):
@@ -36,7 +30,7 @@ def get_config(arg: str | None = None):
     variant, local = 'progressive', 'runlocal'
   if variant not in VARIANTS or local not in ('', 'runlocal'):
     raise ValueError(f'Unknown variant {arg!r}; choose one of {VARIANTS}, optionally with "+runlocal".')
-  c = _digits_config()  # the teacher's network, schedule and data
+  c = config_lib.load_file(pathlib.Path(__file__).with_name('digits.py'))  # the teacher's network, schedule, data
   c.distill.teacher_workdir = 'workdirs/digits'
   c.distill.guidance_scale = 1.0 if variant == 'ict' else 1.5  # the teacher as make run samples it
   c.diffusion.p_uncond = 0.0  # the student learns the guided teacher; it is not guided itself

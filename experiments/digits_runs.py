@@ -7,7 +7,6 @@ directory is on ``sys.path``).
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import resource
 import time
@@ -18,17 +17,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffax.evaluation import evaluators
-from diffax.trainer import components, restore
+from diffax.trainer import components, config as config_lib, restore
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, arg: str | None = None, **overrides) -> ml_collections.ConfigDict:
   """``configs/<name>.py``'s ``get_config(arg)`` with ``{'section.key': value}`` overrides."""
-  spec = importlib.util.spec_from_file_location(f'{name}_config', ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = config_lib.load_file(ROOT / 'configs' / f'{name}.py', arg)
   for key, value in overrides.items():
     section, leaf = key.split('.')
     config[section][leaf] = value

@@ -3,7 +3,6 @@ consistency distillation), the teacher is read into the one state and never writ
 named errors before any step."""
 
 import hashlib
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -24,10 +23,7 @@ def _digest(directory: pathlib.Path) -> dict[str, str]:
 
 
 def _config(variant: str, teacher) -> config_lib.ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location('digits_distill', DISTILL)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f'{variant}+runlocal')
+  c = config_lib.load_file(DISTILL, f'{variant}+runlocal')
   c.distill.teacher_workdir = str(teacher)
   return c
 
