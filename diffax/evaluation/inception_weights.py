@@ -117,17 +117,19 @@ EXPECTED_SHAPES: dict[str, tuple[int, ...]] = _expected_shapes()
 """``'params/Mixed_6b/branch7x7_2/conv/kernel' -> (1, 7, 128, 128)`` etc.: every array of the ``.npz``."""
 
 
-def check_arrays(arrays: Mapping[str, np.ndarray]) -> None:
-  """Raises ``ValueError`` naming every missing, unexpected and mis-shaped array (meta keys ignored)."""
+def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]] = EXPECTED_SHAPES, *,
+                 network: str = 'FID Inception') -> None:
+  """Raises ``ValueError`` naming every missing, unexpected and mis-shaped array (meta keys ignored) of the
+  ``network``'s table ``expected`` (default this module's)."""
   names = {k for k in arrays if not k.startswith('meta/')}
-  missing = sorted(set(EXPECTED_SHAPES) - names)
-  extra = sorted(names - set(EXPECTED_SHAPES))
-  misshaped = [f'{k}: {tuple(arrays[k].shape)} (expected {EXPECTED_SHAPES[k]})'
-               for k in sorted(names & set(EXPECTED_SHAPES)) if tuple(arrays[k].shape) != EXPECTED_SHAPES[k]]
+  missing = sorted(set(expected) - names)
+  extra = sorted(names - set(expected))
+  misshaped = [f'{k}: {tuple(arrays[k].shape)} (expected {expected[k]})'
+               for k in sorted(names & set(expected)) if tuple(arrays[k].shape) != expected[k]]
   problems = [f'{label} ({len(items)}): {", ".join(items)}' for label, items in
               (('missing', missing), ('unexpected', extra), ('wrong shape', misshaped)) if items]
   if problems:
-    raise ValueError('FID Inception arrays do not match the expected table; ' + '; '.join(problems))
+    raise ValueError(f'{network} arrays do not match the expected table; ' + '; '.join(problems))
 
 
 def content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
