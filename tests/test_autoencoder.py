@@ -160,3 +160,30 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_on_the_last_layer(objective)
   d_only = jax.grad(lambda d: loss_fn({**params, 'discriminator': d}, {'x': x}, rng, jnp.int32(10))[1]['d_loss'])(
       params['discriminator'])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), d_grads, d_only)
+
+
+def test_perceptual_term_joins_the_reconstruction_and_the_adaptive_weight(objective):
+  from diffax.models import autoencoder_loss  # pylint: disable=import-outside-toplevel
+  model, disc, params, x, _ = objective
+  colour = lambda a, b: jnp.sum(jnp.square(jnp.mean(a, axis=(1, 2)) - jnp.mean(b, axis=(1, 2))), axis=-1)  # [B]
+  loss_fn = autoencoder_loss.make_autoencoder_loss(model, disc, reconstruction='l1', kl_weight=1e-3, disc_weight=0.5,
+                                                   disc_start=10, perceptual_fn=colour, perceptual_weight=0.7)
+  rng = jax.random.key(6)
+
+  def terms(ae):
+    posterior = model.apply({'params': ae}, x, method='encode')
+    x_hat = model.apply({'params': ae}, posterior.sample(rng), method='decode')
+    rec = jnp.mean(jnp.abs(x_hat - x)) + 0.7 * jnp.mean(colour(x, x_hat))
+    return rec, -jnp.mean(disc.apply({'params': params['discriminator']}, x_hat)), posterior, x_hat
+
+  rec, _, posterior, x_hat = terms(params['autoencoder'])
+  before, aux = loss_fn(params, {'x': x}, rng, jnp.int32(9))
+  np.testing.assert_allclose(aux['perceptual'], np.mean(colour(x, x_hat)), rtol=1e-5)
+  assert float(aux['perceptual']) > 0
+  np.testing.assert_allclose(before, rec + 1e-3 * np.mean(posterior.kl()), rtol=1e-5)
+  _, aux = loss_fn(params, {'x': x}, rng, jnp.int32(10))
+  last = lambda g: g['decoder']['conv_out']['kernel']
+  g_rec = last(jax.grad(lambda p: terms(p)[0])(params['autoencoder']))
+  g_gan = last(jax.grad(lambda p: terms(p)[1])(params['autoencoder']))
+  np.testing.assert_allclose(aux['disc_weight'], 0.5 * np.linalg.norm(g_rec) / (np.linalg.norm(g_gan) + 1e-4),
+                             rtol=1e-4)

@@ -1,7 +1,8 @@
-"""The autoencoder's training objective (Rombach et al. 2022, app. G; Esser et al. 2021, eq. 7 and 8), without
-the perceptual term: reconstruction + KL + an optional patch-GAN term with the adaptive weight.
+"""The autoencoder's training objective (Rombach et al. 2022, app. G; Esser et al. 2021, eq. 7 and 8):
+reconstruction (+ an optional perceptual term) + KL + an optional patch-GAN term with the adaptive weight.
 
   L_AE = rec(x, D(z)) + kl_weight KL(q(z|x) || N(0, I)) + disc_factor lambda L_G,    L_G = -E[D_psi(x_hat)]
+  rec(x, x_hat) = mean_pixels l(x - x_hat) + perceptual_weight P(x, x_hat)   (l: L1 or L2; P: e.g. LPIPS)
   L_D  = disc_factor 1/2 (E[relu(1 - D_psi(x))] + E[relu(1 + D_psi(x_hat))])    (hinge)
 
 ``lambda = disc_weight ||grad_{W_L} rec|| / (||grad_{W_L} L_G|| + 1e-4)`` (clipped to [0, 1e4], no gradient)
@@ -48,7 +49,8 @@ RECONSTRUCTION = {'l1': lambda d: jnp.abs(d), 'l2': lambda d: jnp.square(d)}
 
 def make_autoencoder_loss(model: AutoencoderKL, discriminator: PatchDiscriminator | None, *,
                           reconstruction: str = 'l1', kl_weight: float = 1e-6, disc_weight: float = 0.5,
-                          disc_start: int = 0) -> Callable:
+                          disc_start: int = 0, perceptual_fn: Callable[[Array, Array], Array] | None = None,
+                          perceptual_weight: float = 1.0) -> Callable:
   """``loss_fn(params, batch, rng, step) -> (loss, aux)`` for params ``{'autoencoder', 'discriminator'}``.
 
   Args:
@@ -57,9 +59,15 @@ def make_autoencoder_loss(model: AutoencoderKL, discriminator: PatchDiscriminato
     reconstruction: ``'l1'`` or ``'l2'``, the per-pixel loss, averaged over pixels.
     kl_weight: weight of the KL term per image (LDM's KL-f8: 1e-6).
     disc_weight, disc_start: lambda's factor and the first step with the GAN terms (LDM: 0.5, 50,001).
+    perceptual_fn: ``(x, x_hat) -> [B]``, differentiable in ``x_hat`` (e.g.
+      ``functools.partial(diffax.evaluation.lpips.distance, weights)``), or None. As in LDM's
+      ``LPIPSWithDiscriminator``, ``perceptual_weight`` times it joins the reconstruction term, so it also enters
+      the adaptive weight's ``||grad_{W_L} rec||``.
+    perceptual_weight: its weight (LDM: 1.0).
 
-  ``batch['x']`` is [B, H, W, C] in [-1, 1]. ``aux``: ``rec``, ``kl``, ``g_loss``, ``d_loss``, ``disc_weight``
-  scalars and the per-example ``loss`` [B] (rec + weighted KL).
+  ``batch['x']`` is [B, H, W, C] in [-1, 1]. ``aux``: ``rec`` (pixel + weighted perceptual), ``perceptual``
+  (unweighted; 0 without ``perceptual_fn``), ``kl``, ``g_loss``, ``d_loss``, ``disc_weight`` scalars and the
+  per-example ``loss`` [B] (rec + weighted KL).
   """
   if reconstruction not in RECONSTRUCTION:
     raise ValueError(f'Unknown reconstruction loss {reconstruction!r}; choose one of {sorted(RECONSTRUCTION)}.')
@@ -76,18 +84,26 @@ def make_autoencoder_loss(model: AutoencoderKL, discriminator: PatchDiscriminato
       p = {**ae, 'decoder': {**ae['decoder'], 'conv_out': {**ae['decoder']['conv_out'], 'kernel': kernel}}}
       return model.apply({'params': p}, z, method='decode')
 
+    def rec_of(y):  # [B, H, W, C] -> ([B] reconstruction term, [B] unweighted perceptual distance)
+      pixel = jnp.mean(rec_fn(y - x), axis=(1, 2, 3))
+      if perceptual_fn is None:
+        return pixel, jnp.zeros_like(pixel)
+      perceptual = perceptual_fn(x, y)
+      return pixel + perceptual_weight * perceptual, perceptual
+
     x_hat, decode_vjp = jax.vjp(decode, last)
-    rec_per_example = jnp.mean(rec_fn(x_hat - x), axis=(1, 2, 3))  # [B]
+    rec_per_example, rec_vjp, perceptual = jax.vjp(rec_of, x_hat, has_aux=True)  # [B], [B]
     kl = posterior.kl()  # [B]
     rec = jnp.mean(rec_per_example)
     loss = rec + kl_weight * jnp.mean(kl)
-    aux = {'rec': rec, 'kl': jnp.mean(kl), 'loss': rec_per_example + kl_weight * kl}
+    aux = {'rec': rec, 'perceptual': jnp.mean(perceptual), 'kl': jnp.mean(kl),
+           'loss': rec_per_example + kl_weight * kl}
     if discriminator is None:
       return loss, aux | {'g_loss': jnp.zeros(()), 'd_loss': jnp.zeros(()), 'disc_weight': jnp.zeros(())}
     disc = params['discriminator']
     g_loss_of = lambda images: -jnp.mean(discriminator.apply({'params': jax.lax.stop_gradient(disc)}, images))
     g_loss = g_loss_of(x_hat)
-    (grad_rec,) = decode_vjp(jax.grad(lambda y: jnp.mean(rec_fn(y - x)))(x_hat))
+    (grad_rec,) = decode_vjp(*rec_vjp(jnp.full_like(rec_per_example, 1.0 / rec_per_example.shape[0])))
     (grad_g,) = decode_vjp(jax.grad(g_loss_of)(x_hat))
     weight = jax.lax.stop_gradient(
         disc_weight * jnp.clip(jnp.linalg.norm(grad_rec) / (jnp.linalg.norm(grad_g) + 1e-4), 0.0, 1e4))
