@@ -2,16 +2,20 @@
 
 ``python -m diffax.evaluation.convert_inception`` makes the weights file once (see ``inception_weights``).
 Text-to-image alignment: the CLIP score (``clip_score``), with weights read from transformers' safetensors.
+Perceptual distance: LPIPS-VGG (``lpips.distance``); ``python -m diffax.evaluation.convert_lpips`` makes its weights.
 """
 
 from diffax.evaluation import clip_score
 from diffax.evaluation import inception
 from diffax.evaluation import inception_weights
+from diffax.evaluation import lpips
+from diffax.evaluation import lpips_weights
 from diffax.evaluation import stats
 from diffax.evaluation.inception import FIDInceptionV3
 from diffax.evaluation.inception import make_feature_fn
 from diffax.evaluation.inception_weights import InceptionWeights
 from diffax.evaluation.inception_weights import load_inception_variables
+from diffax.evaluation.lpips_weights import LpipsWeights
 from diffax.evaluation.stats import FeatureStats
 from diffax.evaluation.stats import file_sha256
 from diffax.evaluation.stats import frechet_distance
@@ -22,7 +26,8 @@ from diffax.evaluation.stats import precision_recall
 from diffax.evaluation.stats import save_reference_stats
 
 __all__ = [
-    'FIDInceptionV3', 'FeatureStats', 'InceptionWeights', 'clip_score', 'file_sha256', 'frechet_distance',
-    'inception', 'inception_score', 'inception_weights', 'kernel_inception_distance', 'load_inception_variables',
-    'load_reference_stats', 'make_feature_fn', 'precision_recall', 'save_reference_stats', 'stats'
+    'FIDInceptionV3', 'FeatureStats', 'InceptionWeights', 'LpipsWeights', 'clip_score', 'file_sha256',
+    'frechet_distance', 'inception', 'inception_score', 'inception_weights', 'kernel_inception_distance',
+    'load_inception_variables', 'load_reference_stats', 'lpips', 'lpips_weights', 'make_feature_fn',
+    'precision_recall', 'save_reference_stats', 'stats'
 ]
