@@ -268,11 +268,11 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, *, k: int = 3, batch_si
 
 
 def save_reference_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, *,
-                         features: np.ndarray | None = None) -> None:
+                         features: np.ndarray | None = None, meta: dict[str, str] | None = None) -> None:
   """Writes ``mu`` [D] and ``sigma`` [D, D] (float64) to an ``.npz`` as pytorch-fid / clean-fid do.
 
   ``features`` [N, D] (stored float32 under ``'features'``, which those tools ignore) keeps the raw
-  features that KID needs.
+  features that KID needs; ``meta`` strings are stored as ``'meta/<key>'`` (how the statistics were made).
   """
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   if mu.ndim != 1 or sigma.shape != mu.shape * 2:
@@ -282,6 +282,7 @@ def save_reference_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndar
     extra['features'] = np.asarray(features, np.float32)
     if extra['features'].ndim != 2 or extra['features'].shape[1] != mu.shape[0]:
       raise ValueError(f'Expected features [N, {mu.shape[0]}], got {extra["features"].shape}.')
+  extra.update({f'meta/{k}': np.asarray(str(v)) for k, v in (meta or {}).items()})
   with open(path, 'wb') as f:
     np.savez(f, mu=mu, sigma=sigma, **extra)
 

@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 SEED = 0
-SOURCE_GIT_SHA1 = '9e974997379ae3a7c1fef4e7ced6dc1fe61db44d'  # pytorch_i3d.py at 05783d11f9632b25fe3d50395a9c9bb51f848d6d
+SOURCE_GIT_SHA1 = '9e974997379ae3a7c1fef4e7ced6dc1fe61db44d'  # pytorch_i3d.py at commit 05783d1
 CLIPS_SHAPE = (2, 19, 224, 224, 3)  # [B, T, H, W, C]
 OUT = os.path.join(os.path.dirname(__file__), '..', 'data', 'i3d_reference.npz')
 
