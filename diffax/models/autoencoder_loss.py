@@ -60,7 +60,8 @@ def make_autoencoder_loss(model: AutoencoderKL, discriminator: PatchDiscriminato
     kl_weight: weight of the KL term per image (LDM's KL-f8: 1e-6).
     disc_weight, disc_start: lambda's factor and the first step with the GAN terms (LDM: 0.5, 50,001).
     perceptual_fn: ``(x, x_hat) -> [B]``, differentiable in ``x_hat`` (e.g.
-      ``functools.partial(diffax.evaluation.lpips.distance, weights)``), or None. As in LDM's
+      ``functools.partial(diffax.evaluation.lpips.distance, weights)``, with ``weights`` an argument of the jitted
+      step so that they are not compiled in as constants), or None. As in LDM's
       ``LPIPSWithDiscriminator``, ``perceptual_weight`` times it joins the reconstruction term, so it also enters
       the adaptive weight's ``||grad_{W_L} rec||``.
     perceptual_weight: its weight (LDM: 1.0).
