@@ -34,6 +34,7 @@ import numpy as np
 
 from diffax.evaluation import i3d
 from diffax.evaluation import inception_weights
+from diffax.models.convert import safetensors_io
 
 PT_FILENAME = 'rgb_imagenet.pt'
 UPSTREAM_COMMIT = '05783d11f9632b25fe3d50395a9c9bb51f848d6d'
@@ -121,13 +122,7 @@ class I3DWeights:
 
 def resolve_path(path: str | os.PathLike | None = None) -> Path:
   """``path``, else ``$DIFFAX_I3D_WEIGHTS``; raises ``FileNotFoundError`` saying how to make the file."""
-  where = path if path is not None else os.environ.get(ENV_VAR)
-  if not where:
-    raise FileNotFoundError(f'No I3D weights given: pass a path or set ${ENV_VAR}.\n{HOW_TO_GET}')
-  where = Path(where).expanduser()
-  if not where.is_file():
-    raise FileNotFoundError(f'I3D weights not found at {where}.\n{HOW_TO_GET}')
-  return where
+  return safetensors_io.resolve_path(path, env_var=ENV_VAR, what='I3D', how_to_get=HOW_TO_GET)
 
 
 def load_i3d_variables(path: str | os.PathLike | None = None, *, expected_sha256: str | None = None) -> I3DWeights:
