@@ -18,10 +18,23 @@ guidance 1.5 (DiT table 4: FID-50K 2.27 with guidance 1.5 at 7M steps; DiT guide
 channels, diffax all four). The samplers use the mean prediction; the learned variance is trained but not read
 at sampling (diffax's ancestral step uses the posterior variance beta~_t).
 
-Data: ImageNet 256x256 as a fixed-size TFDS dataset (``data.name``): the trainer's TFDS source needs one image size,
-so prepare ADM's center crops at 256 (``center_crop_arr``) into a TFDS dataset first; ``imagenet2012`` itself has
-images of varying size and is refused with that message.
-``get_config('runlocal')``: DiT-tiny on the same latent shape, a few steps (a CPU smoke run).
+Data: TFDS ``imagenet2012`` (prepared with ``tfds build imagenet2012 --file_format=array_record`` from the manual
+download, see diffax.data.sources), its images of varying size brought to 256x256 per record by ADM's
+``center_crop_arr`` as DiT's train.py does (``data.resize='center_crop'``, ``data.image_size=256``: BOX halvings
+while the short side is >= 512, BICUBIC to a short side of 256, the central crop; diffax.data.transforms), then a
+random horizontal flip (``data.random_flip``) before encoding. The Inception reference statistics for FID are of
+the same crops: ``--mode reference --config.eval.reference_stats=PATH`` reads the split through the same source.
+
+Encoding once instead of every step (fast-DiT's pre-extracted features, without their flips):
+``--config.data.latents.mode=cached --config.data.random_flip=False`` writes the split's latents as shards of
+``data.latents.shard_size`` records under ``WORKDIR/latents/train`` (or ``data.latents.cache``, best a local disk:
+records are read one at a time) with a manifest of the autoencoder's sha256, the crop and the sampling rule (one
+posterior sample per record from ``fold_in(PRNGKey(seed), index)``); every host encodes every P-th shard, a killed
+encoding resumes from its finished shards, and a cache of another autoencoder or crop is refused.
+
+``get_config('runlocal')``: DiT-tiny on the same 32x32x4 latents, 4 steps of batch 8 (a CPU smoke run; it still
+reads the SD-VAE file). tests/test_train_latent.py runs it on ``tfds.testing.mock_data`` records of varying size,
+cropped to 16x16 and encoded by a tiny RGB autoencoder.
 """
 
 from diffax.trainer import config as config_lib
@@ -34,6 +47,8 @@ def get_config(arg: str | None = None):
   c.data.name = 'imagenet2012'
   c.data.num_classes = 1000
   c.data.random_flip = True
+  c.data.resize = 'center_crop'
+  c.data.image_size = 256
   c.data.latents.autoencoder = 'sd-vae-ft-mse.safetensors'
   c.data.latents.preset = 'sd'
   c.data.latents.mode = 'on_the_fly'

@@ -10,9 +10,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from diffax.data.digits import load_digits
+from diffax.data.sources import get_source
 from diffax.models import autoencoder
 from diffax.trainer import config as config_lib, experiment, latents
 import trainer_runs
@@ -110,7 +112,7 @@ def test_the_step_loss_is_the_pixel_loss_on_encoded_latents(run, tmp_path):
 
 def test_cached_latents_are_the_encoder_means_and_refuse_another_autoencoder(run, tmp_path):
   ae_dir, record, _ = run
-  c = _config(ae_dir, **{'data.latents.cache': str(tmp_path / 'cache.npz')})
+  c = _config(ae_dir, **{'data.latents.cache': str(tmp_path / 'cache')})
   exp = experiment.Experiment(c, tmp_path / 'w')
   assert exp.batch_shape == (4, 4, 4) and len(exp.source) == len(load_digits('train')[0])
   images = jnp.asarray(load_digits('train')[0][:4], jnp.float32) / 127.5 - 1
@@ -119,8 +121,9 @@ def test_cached_latents_are_the_encoder_means_and_refuse_another_autoencoder(run
                            method='encode').mean
   got = np.stack([exp.source[i]['latent'] for i in range(4)])
   np.testing.assert_allclose(got, want, atol=1e-5)
-  with (tmp_path / 'cache.npz').open('rb') as f:
-    assert json.loads(str(np.load(f)['record']))['autoencoder_sha256'] == record['sha256']
+  manifest = json.loads((tmp_path / 'cache' / 'manifest.json').read_text())
+  assert manifest['encoding']['autoencoder_sha256'] == record['sha256'] and manifest['complete']
+  assert manifest['encoding']['sampling'] == 'posterior_mean'
   batch = next(iter(exp.data_iterator()))
   cached = np.stack([exp.source[i]['latent'] for i in range(len(exp.source))])
   assert batch['x'].shape == (16, 4, 4, 4)
@@ -130,7 +133,7 @@ def test_cached_latents_are_the_encoder_means_and_refuse_another_autoencoder(run
   other = tmp_path / 'other_ae'
   _save_tiny(other, seed=4)
   with pytest.raises(config_lib.ConfigError, match='autoencoder_sha256') as error:
-    experiment.Experiment(_config(other, **{'data.latents.cache': str(tmp_path / 'cache.npz')}), tmp_path / 'w3')
+    experiment.Experiment(_config(other, **{'data.latents.cache': str(tmp_path / 'cache')}), tmp_path / 'w3')
   assert error.value.key == 'data.latents.cache'
 
 
@@ -171,3 +174,92 @@ def test_an_autoencoder_of_other_channels_or_an_altered_file_is_refused(tmp_path
   (altered / 'params.npz').write_bytes(bytes(data))
   with pytest.raises(config_lib.ConfigError, match='sha256'):
     experiment.Experiment(_config(altered), tmp_path / 'w2')
+
+
+@pytest.fixture(scope='module')
+def tiny_ae(tmp_path_factory):
+  ae_dir = tmp_path_factory.mktemp('tiny_autoencoder')
+  _save_tiny(ae_dir)
+  return ae_dir
+
+
+def test_a_resumed_cache_of_posterior_samples_is_bit_identical(tiny_ae, tmp_path, monkeypatch):
+  """Sampled latents in 3 shards (500 records each): killed after the first shard and resumed, the shards equal
+  those encoded in one go, and record i's latent is E(x_i) sampled with fold_in(PRNGKey(seed), i)."""
+  overrides = {'data.latents.sample': True, 'data.latents.shard_size': 500, 'seed': 7}
+  space = latents.from_config(_config(tiny_ae, **overrides), (8, 8, 1))
+  source = get_source('digits', split='train')
+  whole = latents.cached_source(_config(tiny_ae, **overrides, **{'data.latents.cache': str(tmp_path / 'a')}),
+                                space, source, tmp_path)
+  encoder = latents._shard_encoder  # pylint: disable=protected-access
+
+  def killed_after_one(*args):
+    encode, calls = encoder(*args), []
+
+    def run(start, stop):
+      if calls:
+        raise KeyboardInterrupt
+      calls.append(start)
+      return encode(start, stop)
+    return run
+
+  resumed_config = _config(tiny_ae, **overrides, **{'data.latents.cache': str(tmp_path / 'b')})
+  monkeypatch.setattr(latents, '_shard_encoder', killed_after_one)
+  with pytest.raises(KeyboardInterrupt):
+    latents.cached_source(resumed_config, space, source, tmp_path)
+  assert [p.name for p in (tmp_path / 'b').glob('shard-*')] == ['shard-00000-of-00003.npy']
+  monkeypatch.setattr(latents, '_shard_encoder', encoder)
+  resumed = latents.cached_source(resumed_config, space, source, tmp_path)
+  for name in ('shard-00000-of-00003.npy', 'shard-00001-of-00003.npy', 'shard-00002-of-00003.npy'):
+    assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+  images = jnp.asarray(load_digits('train')[0], jnp.float32) / 127.5 - 1
+  for i in (0, 499, 500, len(source) - 1):
+    want = space.encode(space.params, images[i:i + 1], jax.random.fold_in(jax.random.PRNGKey(7), i))[0]
+    np.testing.assert_allclose(resumed[i]['latent'], want, atol=1e-5)
+    assert resumed[i]['label'] == whole[i]['label'] == source[i]['label']
+  mean = space.encode(space.params, images[:1])[0]
+  assert np.max(np.abs(resumed[0]['latent'] - mean)) > 1e-3  # a sample, not the mean
+
+
+def test_a_cache_of_another_encoding_shard_size_or_format_is_refused(tiny_ae, tmp_path):
+  cache = {'data.latents.cache': str(tmp_path / 'c')}
+  config = _config(tiny_ae, **cache)
+  space, source = latents.from_config(config, (8, 8, 1)), get_source('digits', split='test')
+  latents.cached_source(config, space, source, tmp_path)
+  manifest = json.loads((tmp_path / 'c' / 'manifest.json').read_text())
+  assert manifest['encoding']['preprocessing'] == {'resize': '', 'image_size': 0, 'pixels': 'u / 127.5 - 1',
+                                                   'bilinear_to': [16, 16, 1]}
+  assert manifest['num_records'] == len(source) and manifest['complete']
+  sampled = _config(tiny_ae, **cache, **{'data.latents.sample': True})
+  for other, key, match in [(sampled, 'data.latents.cache', 'posterior_sample'),
+                            (_config(tiny_ae, **cache, **{'data.latents.shard_size': 100}), 'data.latents.shard_size',
+                             'records_per_shard')]:
+    with pytest.raises(config_lib.ConfigError, match=match) as error:
+      latents.cached_source(other, latents.from_config(other, (8, 8, 1)), source, tmp_path)
+    assert error.value.key == key
+  (tmp_path / 'test.npz').write_bytes(b'a cache of an earlier diffax')
+  old = _config(tiny_ae, **{'data.latents.cache': str(tmp_path / 'test.npz')})
+  with pytest.raises(config_lib.ConfigError, match='directories of shards') as error:
+    latents.cached_source(old, space, source, tmp_path)
+  assert error.value.key == 'data.latents.cache'
+
+
+def test_imagenet256_latent_runlocal_trains_on_mock_imagenet_records_of_varying_size(tmp_path):
+  """configs/imagenet256_latent.py:runlocal in-process on tfds.testing.mock_data imagenet2012 (records of varying
+  size), the crop shrunk to 16x16 and SD-VAE replaced by a tiny RGB autoencoder: 2 steps, decoded samples."""
+  from diffax.trainer import train  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  ae_dir = tmp_path / 'rgb_autoencoder'
+  _save_tiny(ae_dir, {**FIELDS, 'in_channels': 3}, input_shape=(16, 16, 3))
+  c = config_lib.load_file(f'{trainer_runs.REPO}/configs/imagenet256_latent.py', 'runlocal')
+  c.data.image_size = 16
+  c.data.latents.update(autoencoder=str(ae_dir), preset='')
+  c.train.update(num_steps=2, compilation_cache='')
+  # optax's bias correction mixes Python floats and int32 counts
+  with tfds.testing.mock_data(num_examples=16), jax.numpy_dtype_promotion('standard'):
+    state = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert int(state.step) == 2 and np.isfinite(np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)])).all()
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['example_shape'] == [4, 4, 4]
+  with Image.open(tmp_path / 'run' / 'samples' / 'step_00000002.png') as grid:  # decoded RGB 16x16 samples
+    assert grid.mode == 'RGB'

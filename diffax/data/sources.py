@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from diffax.data import digits
+from diffax.data import digits, transforms
 
 Record = dict[str, Any]
 """``{'image': uint8 [H, W, C], 'label': int}``."""
@@ -95,29 +95,40 @@ class TfdsSource:
     data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
     image_key: feature holding the uint8 image [H, W, C].
     label_key: feature holding the integer class label.
+    image_size: 0 (images as stored), or the size of ADM's center crop (:func:`diffax.data.transforms.
+      center_crop`) applied to every record: ``'image'`` uint8 [image_size, image_size, C].
 
   Raises:
     DatasetNotPreparedError: the dataset is not prepared in ``data_dir`` as ``array_record``.
+    SourceConfigError: images of varying size without ``image_size`` (key ``data.resize``).
   """
 
   def __init__(self, name: str, *, split: str, data_dir: str | None = None, image_key: str = 'image',
-               label_key: str = 'label'):
+               label_key: str = 'label', image_size: int = 0):
     self._source = open_tfds(name, split=split, data_dir=data_dir)
     features = self._source.dataset_info.features
     self.image_shape = tuple(features[image_key].shape)
+    if image_size:
+      self.image_shape = (image_size, image_size, self.image_shape[-1])
     if None in self.image_shape:
-      raise ValueError(f'TFDS dataset {name!r} has images of varying size {self.image_shape}; batches need one '
-                       'size (use a resized variant such as imagenet_resized/64x64).')
+      raise SourceConfigError('data.resize', f'TFDS dataset {name!r} has images of varying size '
+                              f'{self.image_shape}; batches need one size: set data.resize=\'center_crop\' and '
+                              'data.image_size (ADM\'s center crop, e.g. 256), or use a resized variant such as '
+                              'imagenet_resized/64x64.')
     self.num_classes = features[label_key].num_classes
     self._image_key = image_key
     self._label_key = label_key
+    self._image_size = image_size
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> Record:
     record = self._source[index]
-    return {'image': np.asarray(record[self._image_key], dtype=np.uint8), 'label': int(record[self._label_key])}
+    image = np.asarray(record[self._image_key], dtype=np.uint8)
+    if self._image_size:
+      image = transforms.center_crop(image, self._image_size)
+    return {'image': image, 'label': int(record[self._label_key])}
 
 
 def open_tfds(name: str, *, split: str, data_dir: str | None):
@@ -159,7 +170,7 @@ def _not_prepared_error(name: str, data_dir: str | None) -> DatasetNotPreparedEr
 
 
 def get_source(name: str, *, split: str, data_dir: str | None = None, feature: str = '', num_frames: int = 0,
-               length: int = 0, sample_rate: int = 0, style: str = '') -> Source:
+               length: int = 0, sample_rate: int = 0, style: str = '', resize: str = '', image_size: int = 0) -> Source:
   """Returns the source named ``name``: embedded (``'digits'``, ``'digits_captions'``, ``'moving_digits'``,
   ``'tones'``) or TFDS.
 
@@ -178,17 +189,26 @@ def get_source(name: str, *, split: str, data_dir: str | None = None, feature: s
     sample_rate: the sample rate the model expects (0 = the dataset's; tones: 8000); a TFDS dataset recorded at
       another rate is an error.
     style: (digits) a new look of the digits, one of :data:`diffax.data.digits.STYLES`.
+    resize: (TFDS images) ``''`` (as stored) or ``'center_crop'``: ADM's center crop to ``image_size``
+      (:mod:`diffax.data.transforms`), which gives ``imagenet2012``'s images of varying size one size.
+    image_size: the crop's size (set with ``resize`` only).
   """
   from diffax.data import captions, moving_digits, tfds_media, tones  # pylint: disable=g-import-not-at-top
 
   given = {'data.feature': feature, 'data.num_frames': num_frames, 'data.length': length,
-           'data.sample_rate': sample_rate, 'data.style': style}
+           'data.sample_rate': sample_rate, 'data.style': style, 'data.resize': resize, 'data.image_size': image_size}
   takes = {'digits': ('data.style',), 'digits_captions': (), 'moving_digits': ('data.num_frames',), 'tones': ('data.length', 'data.sample_rate')}
   for key, value in given.items():
     if name in takes and value and key not in takes[name]:
       raise SourceConfigError(key, f'the embedded {name!r} set takes no {key.split(".")[1]} (it takes '
                               f'{list(takes[name])}); '
                               'leave it at its default.')
+  if resize not in ('', *transforms.RESIZES):
+    raise SourceConfigError('data.resize', f'{resize!r} is not one of {("", *transforms.RESIZES)}.')
+  if bool(resize) != (image_size > 0):
+    key = 'data.image_size' if resize else 'data.resize'
+    raise SourceConfigError(key, f'data.resize={resize!r} and data.image_size={image_size} go together: set both '
+                            "(e.g. 'center_crop' and 256) or neither.")
   if name not in takes and style:
     raise SourceConfigError('data.style', f'styles are made from the embedded digits only, not {name!r}.')
   if name == 'digits':
@@ -204,6 +224,8 @@ def get_source(name: str, *, split: str, data_dir: str | None = None, feature: s
   media_args = num_frames or length or sample_rate
   if feature == 'image' or (not feature and not media_args
                             and 'image' in open_tfds(name, split=split, data_dir=data_dir).dataset_info.features):
-    return TfdsSource(name, split=split, data_dir=data_dir)
+    return TfdsSource(name, split=split, data_dir=data_dir, image_size=image_size)
+  if resize:
+    raise SourceConfigError('data.resize', f'crops images; {name!r} is read as clips or waveforms.')
   return tfds_media.TfdsMediaSource(name, split=split, data_dir=data_dir, feature=feature, num_frames=num_frames,
                                     length=length, sample_rate=sample_rate)

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 def default_config() -> ml_collections.ConfigDict:
   """All keys the trainer reads, with defaults (the embedded digits default changes a few)."""
-  from diffax.trainer import distill, latents  # they import ConfigError from here
+  from diffax.trainer import autoencoder, distill, latents  # they import ConfigError from here
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -47,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
       dequantize=False,
       worker_count=0,  # grain worker processes per host (0 = in the main process)
       style='',  # digits only: '' (as scanned), 'bold' or 'inverted' (diffax.data.digits.STYLES)
+      resize='',  # tfds images: '' (as stored) or 'center_crop' (ADM's, to image_size: diffax.data.transforms)
+      image_size=0,  # the size of data.resize's square images (e.g. 256 for imagenet2012); 0 with resize=''
   )
   c.data.latents = latents.defaults()  # latent diffusion: a frozen autoencoder's latents (diffax.trainer.latents)
   c.model = dict(
@@ -118,17 +120,19 @@ def default_config() -> ml_collections.ConfigDict:
   )
   c.sample.kwargs = ml_collections.ConfigDict()
   c.eval = dict(
-      metric='digits',  # 'digits', 'inception', 'moving_digits', 'tones' or '' (none)
+      metric='digits',  # 'digits', 'inception', 'moving_digits', 'tones', 'fvd' (clips) or '' (none)
       num_samples=50_000,  # for --mode eval
       num_samples_train=2_000,  # for periodic evaluation during training
       batch_size=256,  # global generation batch
       inception_weights='',  # '' = $DIFFAX_INCEPTION_WEIGHTS
+      i3d_weights='',  # metric 'fvd': the converted I3D .npz ('' = $DIFFAX_I3D_WEIGHTS; see i3d_weights.py)
       reference_stats='',  # .npz with mu / sigma of the real data's Inception features
       clip_weights='',  # metric 'clip_score': CLIP ViT-L/14 safetensors ('' = $DIFFAX_CLIP_WEIGHTS)
       clip_tokenizer='',  # ... and its tokenizer.json ('' = $DIFFAX_CLIP_TOKENIZER)
       checkpoint_step=-1,  # -1 = latest
   )
   c.distill = distill.defaults()  # few-step students: see diffax.trainer.distill
+  c.autoencoder = autoencoder.defaults()  # model.name='autoencoder': its loss (diffax.trainer.autoencoder)
   c.finetune = dict(  # diffax.trainer.finetune / control: start from a trained run and train part of it
       mode='',  # '' (train from scratch), 'full', 'subtrees', 'lora' or 'controlnet'
       base_workdir='',  # the trained base run (read only); its EMA weights start this run
@@ -207,11 +211,12 @@ def _positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects impossible settings with the key named. Keyword sections are checked by building them."""
   from diffax import models  # the registry imports Flax modules; keep config import light
-  from diffax.trainer import distill, latents, text
+  from diffax.trainer import autoencoder, distill, latents, text
 
-  _choice(config, 'model.name', models.MODELS)
+  _choice(config, 'model.name', (*models.MODELS, autoencoder.MODEL_NAME))
   if config.model.preset:
-    _choice(config, 'model.preset', models.PRESETS[config.model.name])
+    _choice(config, 'model.preset', {**models.PRESETS, autoencoder.MODEL_NAME: models.AUTOENCODER_PRESETS}[
+        config.model.name])
   _choice(config, 'model.dtype', ('float32', 'bfloat16'))
   _choice(config, 'model.remat', ('none', *models.layers.REMAT_POLICIES))
   _choice(config, 'diffusion.schedule', schedules.SCHEDULES)
@@ -224,14 +229,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'sample.sampler', {**samplers.SAMPLERS, **samplers.DEPRECATED_NAMES})
   samplers.canonical_name(config.sample.sampler)  # warns about a deprecated name
   _choice(config, 'finetune.mode', ('', 'full', 'subtrees', 'lora', 'controlnet'))
-  _choice(config, 'eval.metric', ('digits', 'captions', 'clip_score', 'inception', 'moving_digits', 'tones', ''))
+  _choice(config, 'eval.metric', ('digits', 'captions', 'clip_score', 'inception', 'moving_digits', 'tones', 'fvd',
+                                  ''))
   _positive(config, 'optim.learning_rate', 'optim.grad_accum_steps', 'train.num_steps', 'train.batch_size',
             'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints', 'train.loss_buckets',
             'sample.num_samples', 'eval.batch_size', 'eval.num_samples',
             'eval.num_samples_train', 'mesh.fsdp')
   _positive(config, 'optim.warmup_steps', 'optim.weight_decay', 'optim.grad_clip', 'train.keep_period',
             'train.sample_every', 'train.eval_every', 'data.num_classes', 'data.worker_count', 'data.num_frames',
-            'data.length', 'data.sample_rate', 'sample.num_steps',
+            'data.length', 'data.sample_rate', 'data.image_size', 'sample.num_steps',
             'diffusion.p_uncond', allow_zero=True)
   if not 0.0 <= config.optim.min_lr_ratio <= 1.0:
     raise ConfigError('optim.min_lr_ratio', f'must lie in [0, 1], got {config.optim.min_lr_ratio}.')
@@ -258,6 +264,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   text.from_config(config)
   distill.validate(config)
   latents.validate(config)
+  autoencoder.validate(config)
   if config.mesh.data == 0 or config.mesh.data < -1:
     raise ConfigError('mesh.data', f'must be -1 (all remaining devices) or positive, got {config.mesh.data}.')
 

@@ -46,7 +46,8 @@ class _Controlled:
 def default_controls(config, n: int) -> np.ndarray:
   """Control images of ``n`` test-split images, image ``i`` of class ``i mod num_classes``: [n, H, W, C]."""
   c = config.data
-  source = get_source(c.name, split='test', data_dir=c.data_dir or None, style=c.style)
+  source = get_source(c.name, split='test', data_dir=c.data_dir or None, style=c.style, resize=c.resize,
+                      image_size=c.image_size)
   num_classes = max(c.num_classes, 1)
   by_class: dict[int, list[int]] = {}
   for i in range(len(source)):

@@ -4,7 +4,8 @@
 configured sampler, NFE and guidance (class-conditional runs cycle through the classes, so every class gets
 N / num_classes samples), and writes the metrics through the CLU writers and to
 ``workdir/eval/step_<n>_<sampler settings>.json`` together with the protocol that produced them.
-``--mode reference`` writes the Inception statistics of the configured dataset split to ``eval.reference_stats``.
+``--mode reference`` writes the Inception statistics of the configured dataset split to ``eval.reference_stats``
+(with ``eval.metric='fvd'``: the I3D statistics of its clips).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from clu import metric_writers, periodic_actions
 from diffax.trainer import components, config as config_lib, console, sharding
 from diffax.data import captions
 from diffax.data.pipeline import make_iterator
+from diffax.data.sources import Source, SourceConfigError, get_source
 from diffax.diffusion import samplers
-from diffax.evaluation import caption_agreement, clip_evaluator, clip_score, evaluators, moving_digits, stats, tones
+from diffax.evaluation import caption_agreement, clip_evaluator, clip_score, evaluators, fvd, i3d, i3d_weights
+from diffax.evaluation import moving_digits, stats, tones
 from diffax.models import text as text_models
 from diffax.models.convert import clip as convert_clip
 from diffax.trainer.experiment import Experiment
@@ -52,8 +55,49 @@ def make_evaluator(config: ml_collections.ConfigDict) -> evaluators.Evaluator:
     return moving_digits.MovingDigitsEvaluator(num_frames=config.data.num_frames or 16)
   if config.eval.metric == 'tones':
     return tones.TonesEvaluator(length=config.data.length or 1024)
+  if config.eval.metric == 'fvd':
+    return _fvd_evaluator(config)
   raise config_lib.ConfigError('eval.metric', 'no metric configured; choose digits, captions, clip_score, '
-                               'inception, moving_digits or tones.')
+                               'inception, moving_digits, tones or fvd.')
+
+
+def _clip_source(config: ml_collections.ConfigDict) -> Source:
+  """``data.split`` of the configured data, which FVD needs to be clips [T >= 9, H, W, 1 or 3]."""
+  d = config.data
+  try:
+    source = get_source(d.name, split=d.split, data_dir=d.data_dir or None, feature=d.feature,
+                        num_frames=d.num_frames)
+  except SourceConfigError as e:
+    raise config_lib.ConfigError(e.key, e.detail) from e
+  shape = tuple(source.image_shape)
+  if len(shape) != 4 or shape[-1] not in (1, 3):
+    raise config_lib.ConfigError('eval.metric', f"'fvd' judges clips [T, H, W, 1 or 3]; {d.name!r} holds examples "
+                                 f'of shape {shape}.')
+  if shape[0] < i3d.MIN_FRAMES:
+    raise config_lib.ConfigError('data.num_frames', f"'fvd' needs clips of {i3d.MIN_FRAMES} frames or more (I3D's "
+                                 f'final pool spans 2 steps after a stride of 8), got {shape[0]}; FVD is usually '
+                                 'reported at 16.')
+  return source
+
+
+def _i3d_weights_path(config: ml_collections.ConfigDict) -> str:
+  try:
+    return str(i3d_weights.resolve_path(config.eval.i3d_weights or None))
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError('eval.i3d_weights', str(e)) from e
+
+
+def _fvd_evaluator(config: ml_collections.ConfigDict) -> fvd.FVDEvaluator:
+  """FVD of generated clips against ``eval.reference_stats``, the real clips' statistics (``--mode reference``)."""
+  num_frames = _clip_source(config).image_shape[0]
+  weights = _i3d_weights_path(config)
+  path = config.eval.reference_stats
+  if not path or not os.path.isfile(path):
+    raise config_lib.ConfigError('eval.reference_stats', f"'fvd' compares with the I3D statistics of the real clips "
+                                 f'({path or "no file set"}): write them once with the same config and '
+                                 '--mode reference (python -m diffax.main --config=... --mode reference '
+                                 '--config.eval.reference_stats=real_clips.npz).')
+  return fvd.FVDEvaluator(num_frames=num_frames, weights_path=weights, reference_stats=path)
 
 
 def _clip_score_evaluator(config: ml_collections.ConfigDict) -> clip_evaluator.ClipScoreEvaluator:
@@ -115,6 +159,9 @@ def generate_and_evaluate(exp: Experiment, params: Any, evaluator: evaluators.Ev
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """``--mode eval``: metrics of the checkpoint ``eval.checkpoint_step`` (-1: the latest), written to JSON."""
+  if config.model.name == 'autoencoder':  # held-out reconstructions (diffax.trainer.autoencoder_train)
+    from diffax.trainer import autoencoder_train  # pylint: disable=g-import-not-at-top
+    return autoencoder_train.evaluate(config, workdir)
   exp = Experiment(config, workdir)
   evaluator = make_evaluator(config)
   steps = exp.checkpointer.all_steps()
@@ -162,20 +209,40 @@ def reference_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   del workdir
   if not config.eval.reference_stats:
     raise config_lib.ConfigError('eval.reference_stats', 'set the output .npz path.')
+  if config.eval.metric == 'fvd':
+    return _fvd_reference_stats(config)
   exp_mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
-  from diffax.data.sources import get_source  # pylint: disable=g-import-not-at-top
-  source = get_source(config.data.name, split=config.data.split, data_dir=config.data.data_dir or None)
+  source = get_source(config.data.name, split=config.data.split, data_dir=config.data.data_dir or None,
+                      resize=config.data.resize, image_size=config.data.image_size)
   evaluator = evaluators.InceptionEvaluator(weights_path=config.eval.inception_weights or None, keep_features=True)
-  batch = config.eval.batch_size
-  iterator = make_iterator(source, global_batch_size=batch, seed=0, shuffle=False, num_epochs=1)
-  count = 0
-  for host_batch in iterator:
-    evaluator.update(sharding.global_batch(host_batch, exp_mesh)['x'])
-    count += batch
+  count = _stream_split(config, source, evaluator, exp_mesh)
   feature_stats = evaluator.features_stats()
   if jax.process_index() == 0:
     stats.save_reference_stats(config.eval.reference_stats, feature_stats.mean, feature_stats.cov,
                                features=evaluator.pool_features())
     console.say(f'Wrote the statistics of {count} images of {config.data.name}/{config.data.split} to '
+                f'{config.eval.reference_stats} (sha256 {stats.file_sha256(config.eval.reference_stats)}).')
+  return config.eval.reference_stats
+
+
+def _stream_split(config: ml_collections.ConfigDict, source: Source, evaluator: evaluators.Evaluator, mesh) -> int:
+  """Feeds every full ``eval.batch_size`` batch of ``source`` once, in order, as global batches; returns the count."""
+  batch = config.eval.batch_size
+  count = 0
+  for host_batch in make_iterator(source, global_batch_size=batch, seed=0, shuffle=False, num_epochs=1):
+    evaluator.update(sharding.global_batch(host_batch, mesh)['x'])
+    count += batch
+  return count
+
+
+def _fvd_reference_stats(config: ml_collections.ConfigDict) -> str:
+  """``--mode reference`` for ``eval.metric='fvd'``: the I3D statistics of ``data.split``'s clips, with the
+  weights' digest, the clip length and the resolution they were made under."""
+  source = _clip_source(config)
+  evaluator = fvd.FVDEvaluator(num_frames=source.image_shape[0], weights_path=_i3d_weights_path(config))
+  count = _stream_split(config, source, evaluator, sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp))
+  if jax.process_index() == 0:
+    evaluator.save_reference(config.eval.reference_stats)
+    console.say(f'Wrote the I3D statistics of {count} clips of {config.data.name}/{config.data.split} to '
                 f'{config.eval.reference_stats} (sha256 {stats.file_sha256(config.eval.reference_stats)}).')
   return config.eval.reference_stats

@@ -37,7 +37,8 @@ class Experiment:
       self.source = get_source(config.data.name, split=config.data.split, data_dir=config.data.data_dir or None,
                                feature=config.data.feature, num_frames=config.data.num_frames,
                                length=config.data.length, sample_rate=config.data.sample_rate,
-                               style=config.data.style)
+                               style=config.data.style, resize=config.data.resize,
+                               image_size=config.data.image_size)
     except SourceConfigError as e:
       raise config_lib.ConfigError(e.key, e.detail) from e
     record = self.source[0]

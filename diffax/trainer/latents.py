@@ -15,9 +15,11 @@ data has another, and decoded samples are resized back, so samples and evaluatio
     run (``TrainState.frozen['autoencoder']``, :class:`diffax.trainer.objective.Objective`), checkpointed with it;
     ``data.latents.sample=True`` draws z from the posterior afresh each step.
   * ``'cached'``: the split is encoded once at start (deterministically: the posterior mean, or one sample per
-    record from ``seed``) into ``data.latents.cache`` (default ``workdir/latents/<split>.npz``) with the
-    autoencoder's hash; a cache of another autoencoder, split or size is a :class:`ConfigError`. The pipeline
-    then reads latents (records ``{'latent', 'label'}``).
+    record from ``fold_in(PRNGKey(seed), record index)``) into shards of ``data.latents.shard_size`` records in
+    the directory ``data.latents.cache`` (default ``workdir/latents/<split>``), with a manifest recording the
+    autoencoder's sha256, the data, the preprocessing and the sampling rule (:mod:`diffax.data.latent_cache`):
+    an interrupted encoding resumes from its finished shards, processes share the shards, and a cache of another
+    encoding is a :class:`ConfigError`. The pipeline then reads latents lazily (records ``{'latent', 'label'}``).
 
 Sampling runs in latent space and the samples are decoded (:meth:`LatentSpace.decode`) before they are written
 or evaluated.
@@ -26,9 +28,11 @@ or evaluated.
 from __future__ import annotations
 
 from collections.abc import Callable
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any
 
 from etils import epath
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from diffax.data import latent_cache
 from diffax.models import autoencoder as autoencoder_lib
 from diffax.trainer.config import ConfigError
 from diffax.trainer.objective import Objective
@@ -57,7 +62,8 @@ def defaults() -> dict[str, Any]:
       preset='',  # a .safetensors file's architecture (diffax.models.autoencoder.AUTOENCODER_PRESETS, e.g. 'sd')
       mode='on_the_fly',  # 'on_the_fly' (encode each batch in the step) or 'cached' (encode the split once)
       sample=False,  # z from the posterior (True) or its mean (False)
-      cache='',  # 'cached': the latent file; '' = workdir/latents/<split>.npz
+      cache='',  # 'cached': the latent cache directory; '' = workdir/latents/<split>
+      shard_size=10_000,  # 'cached': records per shard (the unit of resuming and of splitting among processes)
   )
 
 
@@ -152,8 +158,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if lat.mode == 'cached' and config.data[augmentation]:
       raise ConfigError(f'data.{augmentation}', "cached latents are of the images as stored; use data.latents."
                         f"mode='on_the_fly' (augments before encoding) or {augmentation}=False.")
-  if lat.mode != 'cached' and lat.cache:
-    raise ConfigError('data.latents.cache', "is read by data.latents.mode='cached' only.")
+  for key in ('cache', 'shard_size'):
+    if lat.mode != 'cached' and lat[key] != defaults()[key]:
+      raise ConfigError(f'data.latents.{key}', "is read by data.latents.mode='cached' only.")
+  if lat.shard_size < 1:
+    raise ConfigError('data.latents.shard_size', f'must be positive, got {lat.shard_size}.')
 
 
 def from_config(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> LatentSpace | None:
@@ -269,65 +278,84 @@ def decoding(space: LatentSpace | None, generate: Callable[..., tuple[Array, Arr
   return run
 
 
-class LatentSource:
-  """An encoded split: records ``{'latent': float32 [h, w, c], 'label': int}`` (and ``'tokens'`` where the data has
-  captions), read by :func:`diffax.data.pipeline.make_iterator` unchanged (no flips, no dequantisation)."""
-
-  def __init__(self, arrays: dict[str, np.ndarray]):
-    self.arrays = arrays
-
-  def __len__(self) -> int:
-    return len(self.arrays['latent'])
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {k: v[index] for k, v in self.arrays.items()}
-
-
-def _cache_record(config: ml_collections.ConfigDict, space: LatentSpace, num_records: int) -> dict[str, Any]:
+def _encoding(config: ml_collections.ConfigDict, space: LatentSpace) -> dict[str, Any]:
+  """What a cache's latents are of and how they were made (its manifest's ``encoding``)."""
   d = config.data
+  sampling = (f'posterior_sample: mean + std * normal(fold_in(PRNGKey({config.seed}), record index))'
+              if space.sample else 'posterior_mean')
   return {'autoencoder_sha256': space.sha256, 'data': d.name, 'split': d.split, 'style': d.style,
-          'num_records': num_records, 'latent_shape': list(space.latent_shape), 'sample': space.sample,
-          'seed': config.seed, 'scaling_factor': space.model.scaling_factor, 'shift_factor': space.model.shift_factor}
+          'preprocessing': {'resize': d.resize, 'image_size': d.image_size, 'pixels': 'u / 127.5 - 1',
+                            'bilinear_to': list(space.input_shape) if space.input_shape != space.data_shape else None},
+          'latent_shape': list(space.latent_shape), 'scaling_factor': space.model.scaling_factor,
+          'shift_factor': space.model.shift_factor, 'sampling': sampling}
+
+
+def _shard_encoder(space: LatentSpace, source: Any, seed: int, batch_size: int) -> Callable[[int, int], dict]:
+  """``encode(start, stop) -> {'latent': float32 [n, h, w, c], 'label' / 'tokens': [n, ...]}`` of records
+  [start, stop), in batches of ``batch_size`` from ``start`` (the last one padded), so a shard's latents depend
+  on its records only; a posterior sample of record ``i`` is drawn from ``fold_in(PRNGKey(seed), i)``."""
+  key = jax.random.PRNGKey(seed)
+
+  def encode_batch(params, x, index):
+    if not space.sample:
+      return space.encode(params, x)
+    return jax.vmap(lambda x1, i: space.encode(params, x1[None], jax.random.fold_in(key, i))[0])(x, index)
+
+  encode_batch = jax.jit(encode_batch)
+  params = jax.device_put(space.params)
+
+  def encode(start, stop):
+    fields = {}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      for first in range(start, stop, batch_size):
+        index = np.arange(first, min(first + batch_size, stop))
+        records = list(pool.map(source.__getitem__, index))
+        padded = np.concatenate([index, np.full(batch_size - len(index), index[-1])])
+        x = np.stack([records[i - first]['image'] for i in padded]).astype(np.float32) / np.float32(127.5) - 1
+        latent = np.asarray(encode_batch(params, jnp.asarray(x), jnp.asarray(padded, jnp.int32)))[:len(index)]
+        fields.setdefault('latent', []).append(latent)
+        for name in ('label', 'tokens'):
+          if name in records[0]:
+            fields.setdefault(name, []).append(np.stack([np.asarray(r[name]) for r in records]))
+    return {k: np.concatenate(v) for k, v in fields.items()}
+
+  return encode
+
+
+def cache_directory(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
+  """``data.latents.cache``, or ``workdir/latents/<split>`` (the split's name with ``[:%]`` made ``_``)."""
+  if config.data.latents.cache:
+    return epath.Path(config.data.latents.cache)
+  return workdir / 'latents' / re.sub(r'[^\w.-]', '_', config.data.split)
 
 
 def cached_source(config: ml_collections.ConfigDict, space: LatentSpace, source: Any, workdir: epath.Path,
-                  *, batch_size: int = 256) -> LatentSource:
-  """The split encoded once (mode ``'cached'``), read from ``data.latents.cache`` if it was written for this
-  autoencoder, data and split, else encoded and written there (by process 0). Deterministic: the posterior mean,
-  or with ``data.latents.sample`` one draw per record from ``fold_in(seed, batch)``.
+                  *, batch_size: int = 256) -> latent_cache.ShardedSource:
+  """The split encoded once (mode ``'cached'``) into shards of ``data.latents.shard_size`` records under
+  :func:`cache_directory` (:mod:`diffax.data.latent_cache`: resumable, atomically written shards, process ``p``
+  of ``P`` encoding shards ``i % P == p``, all waiting for the complete manifest), or read from there if it was
+  written for this autoencoder, data, preprocessing and sampling rule; records ``{'latent', 'label'}`` read
+  lazily.
 
   Raises:
-    ConfigError: the cache file records another autoencoder (sha256), dataset, split or seed.
+    ConfigError: the directory records another encoding (``data.latents.cache``) or shard size
+      (``data.latents.shard_size``); ``data.latents.cache`` is a file (a single-file cache of an earlier diffax).
   """
-  path = epath.Path(config.data.latents.cache) if config.data.latents.cache else (
-      workdir / 'latents' / f'{config.data.split}.npz')
-  want = _cache_record(config, space, len(source))
-  if path.exists():
-    with path.open('rb') as f:
-      arrays = dict(np.load(f))
-    got = json.loads(str(arrays.pop('record')))
-    if got != want:
-      diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
-      raise ConfigError('data.latents.cache', f'{path} was encoded with {diff} (cached, wanted): another '
-                        'autoencoder or data. Delete the file or point data.latents.cache elsewhere.')
-    return LatentSource(arrays)
-  encode = jax.jit(space.encode)
-  params = jax.device_put(space.params)
-  chunks, extras = [], {}
-  for b, start in enumerate(range(0, len(source), batch_size)):
-    records = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-    x = np.stack([r['image'] for r in records]).astype(np.float32) / np.float32(127.5) - 1
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), b) if space.sample else None
-    chunks.append(np.asarray(encode(params, jnp.asarray(x), rng)))
-    for key in ('label', 'tokens'):
-      if key in records[0]:
-        extras.setdefault(key, []).extend(np.asarray(r[key]) for r in records)
-  arrays = {'latent': np.concatenate(chunks), **{k: np.stack(v) for k, v in extras.items()}}
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open('wb') as f:
-      np.savez(f, record=np.asarray(json.dumps(want)), **arrays)
-  return LatentSource(arrays)
+  directory = cache_directory(config, workdir)
+  if directory.is_file():
+    raise ConfigError('data.latents.cache', f'{directory} is a file; latent caches are directories of shards '
+                      f'({latent_cache.MANIFEST} + shard-*.npy): delete it (the split is encoded again) or point '
+                      'data.latents.cache at a directory.')
+  try:
+    latent_cache.write(directory, encoding=_encoding(config, space), num_records=len(source),
+                       records_per_shard=config.data.latents.shard_size,
+                       encode=_shard_encoder(space, source, config.seed, batch_size),
+                       process_index=jax.process_index(), process_count=jax.process_count())
+  except latent_cache.CacheMismatchError as e:
+    key = 'data.latents.shard_size' if set(e.diff) == {'records_per_shard'} else 'data.latents.cache'
+    raise ConfigError(key, f'{e}: another autoencoder, data, preprocessing or sampling rule. Delete the directory '
+                      'or point data.latents.cache elsewhere.') from e
+  return latent_cache.ShardedSource(directory)
 
 
 def wrap_source(config: ml_collections.ConfigDict, space: LatentSpace | None, source: Any,
