@@ -8,11 +8,12 @@ Commands (the autoencoder first; it writes workdirs/autoencoder_digits/{params.n
 
 The digits (8x8) are resized to the autoencoder's 16x16 and encoded by its posterior mean into 4x4x4 latents
 scaled to unit variance (the saved scaling factor, 1 / std of the training latents: LDM sec. 4.3.2); the split is
-encoded once at start into workdir/latents/train.npz with the autoencoder's sha256 (``data.latents.mode='cached'``;
-``'on_the_fly'`` encodes every batch inside the step from the run's frozen copy). The class-conditional
-``unet_tiny`` trains with the default's recipe (cosine schedule, v-prediction, guidance 1.5, DPM-Solver++(2M) 25
-steps); samples are decoded and resized back to 8x8, so the grid and the digits metric (``digits_accuracy``,
-``digits_fd`` on 1,000 samples) are those of the pixel default and compare with it directly.
+encoded once at start into workdir/latents/train/ (``data.latents.mode='cached'``: one shard of its 1,438 records
+and a manifest with the autoencoder's sha256 and the sampling rule, diffax.data.latent_cache; a later run or a
+resumed one reads it back); ``'on_the_fly'`` encodes every batch inside the step from the run's frozen copy.
+The class-conditional ``unet_tiny`` trains with the default's recipe (cosine schedule, v-prediction, guidance 1.5,
+DPM-Solver++(2M) 25 steps); samples are decoded and resized back to 8x8, so the grid and the digits metric
+(``digits_accuracy``, ``digits_fd`` on 1,000 samples) are those of the pixel default and compare with it directly.
 
 Measured (the autoencoder of experiments/results/autoencoder_digits.md, 600 steps; 1,000 guided samples; 122 s for
 the whole run on 2 loaded cores, ~1,100 train images / s against the pixel default's few hundred there):

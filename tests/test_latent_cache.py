@@ -3,7 +3,10 @@ interrupted after k shards (with a partial temporary file left) resumes to files
 uninterrupted one, encoding only the missing shards; two processes (threads here) sharing one directory encode
 disjoint shards and agree with one process; another encoding or shard size is refused; reading is lazy."""
 
+import pathlib
 import pickle
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -139,3 +142,17 @@ def test_a_missing_shard_of_a_complete_cache_is_named(tmp_path):
   (tmp_path / 'c' / 'shard-00002-of-00005.npy').unlink()
   with pytest.raises(FileNotFoundError, match='shard-00002-of-00005.npy'):
     latent_cache.ShardedSource(tmp_path / 'c')
+
+
+def test_two_real_processes_share_one_directory(tmp_path):
+  """The same as two OS processes (the protocol relies on the file system only): process 1 starts first."""
+  write(tmp_path / 'one')
+  script = (f'import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); '
+            'import test_latent_cache as t; p = int(sys.argv[1]); '
+            f'print(t.write({str(tmp_path / "two")!r}, encode=lambda a, b: print(a) or t.fake_encode(a, b), '
+            'process_index=p, process_count=2)["complete"])')
+  procs = [subprocess.Popen([sys.executable, '-c', script, str(p)], stdout=subprocess.PIPE, text=True) for p in (1, 0)]
+  outputs = [proc.communicate(timeout=120)[0].split() for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0]
+  assert outputs == [['7', '21', 'True'], ['0', '14', '28', 'True']]
+  assert shard_bytes(tmp_path / 'two') == shard_bytes(tmp_path / 'one')

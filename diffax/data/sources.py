@@ -8,6 +8,8 @@ checkpoint by index. Clips hold ``'video'`` uint8 [T, H, W, C] and waveforms ``'
 
 TFDS datasets are read from their ArrayRecord files with ``tfds.data_source``: random access
 without TensorFlow in the input path, and ``tfds.testing.mock_data`` replaces them with fake records offline.
+Images of varying size (``imagenet2012``) are given one size per record by ADM's center crop
+(``resize='center_crop'``, ``image_size``: :mod:`diffax.data.transforms`).
 
 A dataset that is not prepared raises :class:`DatasetNotPreparedError` with the command that prepares it. Note
 that ``tfds.data_source`` reads only the ``array_record`` (or ``parquet``) file format, while ``tfds build``
