@@ -147,7 +147,8 @@ class InceptionI3d(nn.Module):
     ``'logits_per_time'``: [B, T', 400] the port's ``forward`` output (its layout is [B, 400, T']).
 
   Attributes:
-    resize_input: resize every frame to 224x224 first; inputs must then be [B, T, 224, 224, 3] when False.
+    resize_input: resize every frame to 224x224 first (and repeat grey to RGB); when False, the clips must be
+      [B, T, 224, 224, 3].
     precision: of every convolution; ``HIGHEST`` keeps float32 accumulation on TPU and disables TF32 on GPU.
   """
   resize_input: bool = True
