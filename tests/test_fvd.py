@@ -1,5 +1,6 @@
 """FVD through the trainer's path: ``--mode reference`` on TFDS clips (moving_mnist under mock data), then the
-evaluator ``eval.metric='fvd'`` builds scoring those clips (FVD 0 up to round-off) and brighter ones (FVD > 0).
+evaluator ``eval.metric='fvd'`` builds scoring those clips (FVD 0 up to round-off) and brighter ones (FVD > 0), with
+KVD checked against the closed form of the unbiased MMD^2 of two sets of 2.
 
 The real I3D weights cannot be fetched here: the numpy-seeded weights of test_i3d (those the reference network of
 pytorch-i3d was checked with) go through the real converter and verified loader. 2 clips of 9 frames (I3D's
@@ -50,11 +51,12 @@ def run(tmp_path_factory, weights_path):
     evaluator = evaluate.make_evaluator(config)
   clips = batch['x']
   evaluator.update(clips)
-  same = evaluator.result()
+  same, same_embeddings = evaluator.result(), evaluator.embeddings()
   evaluator.reset()
   evaluator.update(np.clip(clips + 0.5, -1.0, 1.0))
   return {'config': config, 'written': written, 'clips': clips, 'evaluator': evaluator, 'same': same,
-          'brighter': evaluator.result()}
+          'same_embeddings': same_embeddings, 'brighter': evaluator.result(),
+          'brighter_embeddings': evaluator.embeddings()}
 
 
 def test_reference_records_its_protocol(run, weights_path):
@@ -62,6 +64,7 @@ def test_reference_records_its_protocol(run, weights_path):
   with np.load(run['written']) as f:
     meta = {k: str(f[k]) for k in f.files if k.startswith('meta/')}
     assert f['mu'].shape == (400,) and f['sigma'].shape == (400, 400)
+    np.testing.assert_allclose(f['features'], run['same_embeddings'], rtol=1e-5, atol=1e-5)  # the same clips
   assert meta == {'meta/embedding': 'i3d_kinetics400_logits',
                   'meta/i3d_content_sha256': i3d_weights.load_i3d_variables(weights_path).content_sha256,
                   'meta/num_frames': str(NUM_FRAMES), 'meta/resolution': '224', 'meta/num_clips': '2'}
@@ -72,6 +75,23 @@ def test_fvd_of_the_reference_clips_is_zero_and_of_other_clips_not(run):
   assert scale > 0
   assert abs(run['same']['fvd']) < 1e-5 * scale  # the square root of rank-1 covariances in 400-D: round-off
   assert run['brighter']['fvd'] > scale  # measured: 26 times the reference's total variance
+
+
+def _mmd2_of_pairs(x, y):
+  """Unbiased MMD^2 of 2 points against 2 for the cubic kernel k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018):
+  sum_{i != j} k(x_i, x_j) / 2 + the same for y - 2 sum_ij k(x_i, y_j) / 4."""
+  k = lambda a, b: (np.dot(a, b) / a.shape[-1] + 1.0) ** 3
+  return k(x[0], x[1]) + k(y[0], y[1]) - sum(k(a, b) for a in x for b in y) / 2
+
+
+def test_kvd_is_the_mmd_of_the_embeddings(run):
+  with np.load(run['written']) as f:
+    real = np.asarray(f['features'], np.float64)
+  for result, embeddings in ((run['same'], run['same_embeddings']), (run['brighter'], run['brighter_embeddings'])):
+    # Every subset of 2 out of 2 is the whole set: the mean is the closed form, the spread 0.
+    want = _mmd2_of_pairs(real, np.asarray(embeddings, np.float64))
+    assert result['kvd'] == pytest.approx(want, rel=1e-6) and result['kvd_std'] < 1e-9 * abs(want)
+  assert run['same']['kvd'] < 0 < run['brighter']['kvd']  # a set against itself: -(k11 + k22 - 2 k12) / 2
 
 
 def test_protocol_names_weights_clips_and_reference(run, weights_path):

