@@ -73,3 +73,31 @@ def test_runlocal_trains_on_mock_tfds_data(name, arg, tmp_path):
   losses = dict(events.read_scalars(tmp_path)['train/loss'])
   assert sorted(losses) == [2, 4] and all(0 < v < 10 for v in losses.values())
   assert (tmp_path / 'checkpoints' / '4').is_dir()
+
+
+@pytest.mark.parametrize('name, arg', [('autoencoder_digits', None), ('autoencoder_digits', 'runlocal'),
+                                       ('autoencoder_kl_f8', None), ('autoencoder_kl_f8', 'runlocal')])
+def test_autoencoder_configs_validate(name, arg):
+  config = load(name, arg)
+  config_lib.validate(config)
+  assert config.model.name == 'autoencoder'
+
+
+def test_autoencoder_kl_f8_has_ldm_settings():
+  """LDM's autoencoder_kl_32x32x4.yaml: SD's VAE (83.65 M), the 3-layer patch discriminator (pix2pix, 2.77 M),
+  KL 1e-6 over per-image pixel sums, GAN from update 50,001 at 0.5, Adam(0.5, 0.9) at 2 x 8 x 12 x 4.5e-6."""
+  from diffax.models import autoencoder_loss  # pylint: disable=g-import-not-at-top
+  c = load('autoencoder_kl_f8')
+  x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+  vae = autoencoder.get_autoencoder(c.model.preset, in_channels=3)
+  disc = autoencoder_loss.PatchDiscriminator(ch=c.autoencoder.disc_ch, num_layers=c.autoencoder.disc_layers,
+                                             num_groups=c.autoencoder.disc_groups)
+  count = lambda m: sum(p.size for p in jax.tree.leaves(jax.eval_shape(m.init, jax.random.PRNGKey(0), x))) / 1e6
+  assert count(vae) == pytest.approx(83.65, abs=0.01) and count(disc) == pytest.approx(2.77, abs=0.01)
+  assert (vae.downsampling_factor, vae.latent_channels) == (8, 4)
+  a = c.autoencoder
+  assert (a.reconstruction, a.kl_weight * 256 * 256 * 3, a.disc_start, a.disc_weight) == pytest.approx(
+      ('l1', 1e-6, 50_001, 0.5))
+  assert c.optim.learning_rate * c.optim.grad_accum_steps == pytest.approx(4.5e-6 * 2 * 8 * 12 * 2)
+  assert (c.optim.optimizer, c.optim.b1, c.optim.b2, c.optim.grad_clip) == ('adam', 0.5, 0.9, 0.0)
+  assert c.train.batch_size * c.optim.grad_accum_steps == 2 * 8 * 12

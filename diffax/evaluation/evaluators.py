@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffax.evaluation import digits, inception, inception_weights, stats
+from diffax.evaluation import digits, inception, inception_weights, reconstruction, stats
 
 
 class Evaluator(Protocol):
@@ -138,3 +138,46 @@ class InceptionEvaluator:
     return {'metric': 'inception', 'weights_content_sha256': self.weights.content_sha256,
             'weights_source_sha256': self.weights.source_sha256, 'reference_stats': self.reference_path,
             'reference_stats_sha256': stats.file_sha256(self.reference_path) if self.reference_path else None}
+
+
+class ReconstructionEvaluator:
+  """An autoencoder's held-out reconstructions: mean PSNR and SSIM (:mod:`diffax.evaluation.reconstruction`) and
+  the reconstruction Fréchet distance, the FID formula (Heusel et al. 2017, eq. 6) between the feature statistics
+  of the reconstructions and those of their originals (LDM table 8's rFID with the FID Inception network).
+
+  Args:
+    features: ``images [B, H, W, C] in [-1, 1] -> [B, dim]`` (jittable), or None for PSNR / SSIM only.
+    dim: the features' size.
+    name: the distance's metric name (``'rfid'`` for Inception features).
+    protocol: what :meth:`protocol` reports besides the metric (the feature network and its hashes).
+  """
+
+  def __init__(self, features=None, *, dim: int = 0, name: str = 'rfid', protocol: dict[str, Any] | None = None):
+    self.name, self._protocol = name, dict(protocol or {})
+    self._scores = jax.jit(lambda x, y: (reconstruction.psnr(x, y), reconstruction.ssim(x, y)))
+    self._features = None if features is None else jax.jit(features)
+    self.dim = dim
+    self.reset()
+
+  def reset(self) -> None:
+    self._psnr, self._ssim, self._count = 0.0, 0.0, 0
+    self._real, self._fake = stats.FeatureStats(dim=self.dim), stats.FeatureStats(dim=self.dim)
+
+  def update(self, images: Any, reconstructions: Any, *, count: int | None = None) -> None:
+    """Originals and reconstructions [B, H, W, C] (global or host arrays); only the first ``count`` rows count."""
+    count = images.shape[0] if count is None else count
+    psnr, ssim = (np.asarray(a, np.float64)[:count] for a in _to_host(self._scores(images, reconstructions)))
+    self._psnr, self._ssim, self._count = self._psnr + psnr.sum(), self._ssim + ssim.sum(), self._count + count
+    if self._features is not None:
+      for accumulated, x in ((self._real, images), (self._fake, reconstructions)):
+        accumulated.update(np.asarray(_to_host(self._features(x)), np.float64)[:count])
+
+  def result(self) -> dict[str, float]:
+    out = {'psnr': self._psnr / self._count, 'ssim': self._ssim / self._count}
+    if self._features is not None:
+      out[self.name] = stats.frechet_distance(self._fake.mean, self._fake.cov, self._real.mean, self._real.cov)
+    return out
+
+  def protocol(self) -> dict[str, Any]:
+    return {'metric': 'reconstruction', 'num_images': self._count, 'distance': self.name if self._features else None,
+            **self._protocol}

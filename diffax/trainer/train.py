@@ -20,7 +20,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from diffax.trainer import console, evaluate, images, media, sharding, train_state, train_step
+from diffax.trainer import autoencoder, console, evaluate, images, media, sharding, train_state, train_step
 from diffax.trainer.experiment import Experiment
 
 PEAK_FLOPS = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
@@ -62,7 +62,8 @@ def compile_train_step(exp: Experiment) -> Any:
   c = exp.config.train
   step_fn = train_step.make_train_step(exp.objective, exp.optimizer, ema_decays=tuple(c.ema_decays),
                                        ema_warmup=c.ema_warmup,
-                                       edges=train_step.log_snr_edges(exp.schedule, c.loss_buckets))
+                                       edges=None if exp.schedule is None else train_step.log_snr_edges(
+                                           exp.schedule, c.loss_buckets))
   jitted = jax.jit(step_fn, in_shardings=(exp.state_shardings, sharding.batch_sharding(exp.mesh)),
                    out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)), donate_argnums=0)
   return sharding.compile_on_all_processes(jitted, exp.abstract_state, exp.abstract_batch(), name='train_step')
@@ -90,6 +91,9 @@ class _MetricsLog:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
   """Trains (resuming if possible) and returns the final state; see the module docstring."""
+  if autoencoder.is_autoencoder_run(config):  # its own samples (reconstructions), evaluation and export
+    from diffax.trainer import autoencoder_train  # pylint: disable=g-import-not-at-top
+    return autoencoder_train.train_and_evaluate(config, workdir)
   preempted = _Preempted()
   exp = Experiment(config, workdir)
   c = config.train
@@ -193,8 +197,6 @@ def _write_train_metrics(writer, step: int, window: list[dict], exp: Experiment,
   fetched = jax.device_get(window)
   c = exp.config
   steps = len(fetched)
-  sums = np.sum([m['loss_bucket_sums'] for m in fetched], axis=0)
-  counts = np.sum([m['loss_bucket_counts'] for m in fetched], axis=0)
   scalars = {
       'train/loss': float(np.mean([m['loss'] for m in fetched])),
       'train/grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
@@ -203,10 +205,14 @@ def _write_train_metrics(writer, step: int, window: list[dict], exp: Experiment,
       'perf/steps_per_second': steps / elapsed,
       'perf/images_per_second': steps * c.train.batch_size / elapsed,
       'perf/host_ms_per_step': 1e3 * host_seconds / steps,
+      **{f'train/{k[4:]}': float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k.startswith('aux/')},
   }
-  for k, (total, count) in enumerate(zip(sums, counts)):
-    if count:
-      scalars[f'train/loss_bucket_{k}'] = float(total / count)
+  if 'loss_bucket_sums' in fetched[0]:
+    sums = np.sum([m['loss_bucket_sums'] for m in fetched], axis=0)
+    counts = np.sum([m['loss_bucket_counts'] for m in fetched], axis=0)
+    for k, (total, count) in enumerate(zip(sums, counts)):
+      if count:
+        scalars[f'train/loss_bucket_{k}'] = float(total / count)
   peak = _peak_flops(c)
   if peak and flops_per_step:
     scalars['perf/mfu'] = flops_per_step * steps / elapsed / (peak * exp.mesh.size)
@@ -225,6 +231,9 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
   """``--mode sample``: ``sample.num_samples`` images from the latest checkpoint -> .npz and a PNG grid."""
+  if autoencoder.is_autoencoder_run(config):  # held-out images next to their reconstructions
+    from diffax.trainer import autoencoder_train  # pylint: disable=g-import-not-at-top
+    return autoencoder_train.sample(config, workdir)
   exp = Experiment(config, workdir)
   if not exp.checkpointer.all_steps():
     raise FileNotFoundError(f'No checkpoint in {exp.checkpointer.directory}; train first (--mode train).')

@@ -42,11 +42,13 @@ def log_snr_edges(schedule: Schedule, num_buckets: int) -> Array:
 
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *, ema_decays: Sequence[float],
-                    ema_warmup: bool, edges: Array) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+                    ema_warmup: bool, edges: Array | None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """``train_step(state, batch) -> (state, metrics)``; jit it once with shardings and ``donate_argnums=0``.
 
   The loss is ``objective.loss_at(state.step, state.frozen, state.ema_params)``; the frozen tree is updated
-  after the step by ``objective.update_frozen`` (when set).
+  after the step by ``objective.update_frozen`` (when set). The metrics hold the loss, the gradient norm, every
+  scalar of the loss's ``aux`` as ``'aux/<name>'`` and, with log-SNR ``edges``, the per-bucket loss sums and counts
+  (``edges=None``: a loss without noise levels, such as an autoencoder's).
 
   The step's rng is ``fold_in(state.rng, state.step)``, so a resumed run draws exactly the noise an
   uninterrupted one would. A non-finite loss or gradient leaves params, EMA and optimizer state unchanged
@@ -75,9 +77,10 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
       frozen = keep(objective.update_frozen(state.step + 1, params, frozen), frozen)
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                               opt_state=keep(opt_state, state.opt_state), frozen=frozen)
-    bucket_sums, bucket_counts = _bucket_stats(aux['loss'], aux['log_snr'], edges)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite.astype(jnp.int32),
-               'loss_bucket_sums': bucket_sums, 'loss_bucket_counts': bucket_counts}
+               **{f'aux/{k}': v for k, v in aux.items() if jnp.ndim(v) == 0}}
+    if edges is not None:
+      metrics['loss_bucket_sums'], metrics['loss_bucket_counts'] = _bucket_stats(aux['loss'], aux['log_snr'], edges)
     return new_state, metrics
 
   return train_step
