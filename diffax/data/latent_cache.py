@@ -13,9 +13,11 @@ A cache directory holds
 all would write the same), process ``p`` of ``P`` encodes the shards ``i`` with ``i % P == p`` that are not yet
 on disk, and each shard is written atomically (a temporary file, then a rename), so an interrupted run leaves
 only whole shards and the next one encodes the rest. A shard's content depends on its records only, not on which
-process or which run encoded it. Process 0 marks the manifest ``complete`` once every shard exists (and removes
-the temporary files interrupted runs left); the others wait for that. A directory whose manifest records another
-``encoding`` or shard size is refused (:class:`CacheMismatchError`), complete or not.
+process or which run encoded it (given the same platform and XLA: GPU convolutions are autotuned per compilation
+and may round differently, so there run with ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``). Process 0 marks
+the manifest ``complete`` once every shard exists (and removes the temporary files interrupted runs left); the
+others wait for that. A directory whose manifest records another ``encoding`` or shard size is refused
+(:class:`CacheMismatchError`), complete or not.
 
 :class:`ShardedSource` reads one record at a time (a seek and a read of ``itemsize`` bytes in its shard), so a
 split larger than memory is read by grain's random access like any other source.
