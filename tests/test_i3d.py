@@ -19,6 +19,7 @@ import pytest
 from diffax.evaluation import convert_i3d
 from diffax.evaluation import i3d
 from diffax.evaluation import i3d_weights as iw
+import test_inception
 
 DATA = Path(__file__).parent / 'data'
 _spec = importlib.util.spec_from_file_location('make_i3d_reference',
@@ -163,14 +164,6 @@ def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
       assert needle in str(e.value)
 
 
-def _rewrite(src, dst, **changes):
-  with np.load(src) as f:
-    arrays = {k: f[k] for k in f.files}
-  arrays.update(changes)
-  np.savez(dst, **{k: v for k, v in arrays.items() if v is not None})
-  return dst
-
-
 def test_loader_rejects_bad_files(weights_file, tmp_path):
   src, digest = weights_file
   kernel = 'params/Conv3d_1a_7x7/conv3d/kernel'
@@ -187,7 +180,8 @@ def test_loader_rejects_bad_files(weights_file, tmp_path):
   }
   for i, (message, changes) in enumerate(cases.items()):
     with pytest.raises(ValueError, match=message):
-      iw.load_i3d_variables(_rewrite(src, tmp_path / f'{i}.npz', **changes))
+      rewritten = test_inception._rewrite(src, tmp_path / f'{i}.npz', **changes)  # pylint: disable=protected-access
+      iw.load_i3d_variables(rewritten)
   with pytest.raises(ValueError, match='was pinned'):
     iw.load_i3d_variables(src, expected_sha256='f' * 64)
   loaded = iw.load_i3d_variables(src)

