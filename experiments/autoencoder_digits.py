@@ -1,5 +1,9 @@
 """Autoencoder on the embedded digits: held-out reconstruction metrics while training, and throughput.
 
+A hand-written loop kept as the encode / decode / train-step throughput benchmark; the trainer trains the same
+autoencoder with checkpoints, EMA, evaluation and export: ``python -m diffax.main --config
+configs/autoencoder_digits.py --workdir DIR`` (writes ``DIR/autoencoder`` for ``data.latents.autoencoder``).
+
   python experiments/autoencoder_digits.py [--steps 600] [--disc-start 300] [--out experiments/results/...md]
       [--save DIR]
 

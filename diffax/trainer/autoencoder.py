@@ -170,7 +170,8 @@ class AutoencoderRun:
   def _source(self, split: str):
     d = self.config.data
     try:
-      source = get_source(d.name, split=split, data_dir=d.data_dir or None, style=d.style)
+      source = get_source(d.name, split=split, data_dir=d.data_dir or None, style=d.style, resize=d.resize,
+                          image_size=d.image_size)
     except SourceConfigError as e:
       raise ConfigError(e.key, e.detail) from e
     if 'image' not in source[0]:
