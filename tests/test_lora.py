@@ -1,4 +1,7 @@
-"""LoRA as a parameter transformation: zero adapters are the identity, merged == adapted, exact unmerge, targets."""
+"""LoRA as a parameter transformation: zero adapters are the identity, merged == adapted, exact unmerge, targets.
+
+Every model call runs jitted (one compile per program, not one per operation as op-by-op dispatch does).
+"""
 
 import functools
 
@@ -19,21 +22,33 @@ LABELS = jnp.asarray([1, 10], jnp.int32)  # a class and the null label
 def _model(name: str, **fields):
   preset = {'unet': 'unet_tiny', 'dit': 'dit_tiny'}[name]
   model = models.get_model(name, preset=preset, num_classes=10, learn_sigma=False, **fields)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), X, T, LABELS)['params'])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), X, T, LABELS)['params'])
   noise = _randomised(params, seed=7)  # a trained model has no zero-initialised layers left
-  return model, jax.tree.map(lambda p, n: p + n, params, noise)
+  return model, jax.jit(functools.partial(jax.tree.map, jnp.add))(params, noise)
 
 
 def _randomised(adapters, seed=1):
-  """Adapters with a non-zero B, so the update is not trivially zero."""
-  leaves, treedef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  """Adapters with a non-zero B, so the update is not trivially zero (numpy draws: nothing to compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), jnp.float32), adapters)
 
 
 def _apply(model, params, adapters=()):
-  with lora.adapted(adapters):
-    return model.apply({'params': params}, X, T, LABELS)
+  """The model's output [2, 8, 8, 1] with ``adapters`` [(adapters, scale), ...] applied on the fly."""
+  scales = [scale for _, scale in adapters]
+
+  def forward(params, trees):
+    with lora.adapted(list(zip(trees, scales))):
+      return model.apply({'params': params}, X, T, LABELS)
+
+  return jax.jit(forward)(params, [tree for tree, _ in adapters])
+
+
+def _merged_apply(model, params, adapters):
+  """The model's output with ``adapters`` merged into ``params`` first (:func:`lora.merge` in order)."""
+  for tree, scale in adapters:
+    params = jax.jit(functools.partial(lora.merge, scale=scale))(params, tree)
+  return _apply(model, params)
 
 
 CASES = [('unet', ('attention', 'resblock_convs', r'down_0_resample', 'conv_out')),
@@ -46,14 +61,13 @@ def test_zero_adapter_is_identity_and_merged_equals_adapted(name, targets):
   layers = lora.layers_of(model, params, X, T, LABELS)
   config = lora.LoraConfig(rank=2, alpha=3.0, targets=targets)
   adapters = lora.init(jax.random.PRNGKey(2), layers, config)
-  base = model.apply({'params': params}, X, T, LABELS)
+  base = _apply(model, params)
   np.testing.assert_array_equal(_apply(model, params, [(adapters, config.scale)]), base)  # B = 0: exactly
-  np.testing.assert_array_equal(model.apply({'params': lora.merge(params, adapters, scale=config.scale)}, X, T,
-                                            LABELS), base)
+  np.testing.assert_array_equal(_merged_apply(model, params, [(adapters, config.scale)]), base)
 
   adapters = _randomised(adapters)
   adapted = _apply(model, params, [(adapters, config.scale)])
-  merged = model.apply({'params': lora.merge(params, adapters, scale=config.scale)}, X, T, LABELS)
+  merged = _merged_apply(model, params, [(adapters, config.scale)])
   assert np.max(np.abs(adapted - base)) > 1e-2  # the update does something ...
   np.testing.assert_allclose(merged, adapted, rtol=0, atol=2e-5 * np.max(np.abs(adapted)))  # ... the same both ways
   restored = lora.unmerge(lora.merge(params, adapters, scale=config.scale), adapters, scale=config.scale)
@@ -96,8 +110,7 @@ def test_several_adapters_with_weights_equal_their_merges():
   one = _randomised(lora.init(jax.random.PRNGKey(0), layers, lora.LoraConfig(targets=('attention',))), seed=4)
   two = _randomised(lora.init(jax.random.PRNGKey(0), layers, lora.LoraConfig(targets=(r'.*mlp_(in|out)',))), seed=5)
   mixed = _apply(model, params, [(one, 0.5), (two, 1.5)])
-  merged = lora.merge(lora.merge(params, one, scale=0.5), two, scale=1.5)
-  np.testing.assert_allclose(model.apply({'params': merged}, X, T, LABELS), mixed, rtol=0,
+  np.testing.assert_allclose(_merged_apply(model, params, [(one, 0.5), (two, 1.5)]), mixed, rtol=0,
                              atol=2e-5 * np.max(np.abs(mixed)))
 
 
