@@ -29,8 +29,8 @@ but e.g. on TFDS ``moving_mnist`` (20 frames of 64x64, 10,000 sequences, split `
   python -m diffax.main --config configs/moving_digits.py --workdir workdirs/mmnist --mode eval $MMNIST \
     --config.eval.num_samples=2048
 
-The evaluation JSON records the weights' content digest, the clip length and the resolution with the FVD; a
-reference made under other ones is refused. For UCF-101 use ``--config.data.name=ucf101/ucf101_1_256`` (and a
+The evaluation JSON records the weights' content digest, the clip length and the resolution with the FVD (and
+the KVD); a reference made under other ones is refused. For UCF-101 use ``--config.data.name=ucf101/ucf101_1_256`` (and a
 model sized for 256x256 clips). Numbers compare only at one clip length, frame rate and sample size (2,048 clips
 of 16 frames is StyleGAN-V's ``fvd2048_16f``).
 
