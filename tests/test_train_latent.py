@@ -26,7 +26,7 @@ FIELDS = {'in_channels': 1, 'ch': 8, 'num_groups': 4, 'scaling_factor': 0.5}  # 
 def _save_tiny(directory, fields=None, input_shape=(16, 16, 1), seed=3):
   fields = fields or FIELDS
   model = autoencoder.get_autoencoder('small', **fields)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *input_shape)))['params'])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, *input_shape)))['params'])
   return latents.save_autoencoder(directory, params, preset='small', fields=fields, input_shape=input_shape)
 
 
@@ -97,16 +97,17 @@ def test_the_step_loss_is_the_pixel_loss_on_encoded_latents(run, tmp_path):
   second half; E is computed here by the autoencoder module directly."""
   ae_dir, _, _ = run
   exp = experiment.Experiment(_config(ae_dir, **{'data.latents.mode': 'on_the_fly'}), tmp_path / 'w')
-  params = exp.init_backbone(jax.random.PRNGKey(1))
-  images = jnp.asarray(load_digits('train')[0][:8], jnp.float32) / 127.5 - 1
+  params = jax.jit(exp.init_backbone)(jax.random.PRNGKey(1))  # each call jitted: op by op, a cold cache compiles
+  images = jnp.asarray(load_digits('train')[0][:8], jnp.float32) / 127.5 - 1  # every primitive separately
   batch = {'x': images, 'cond': jnp.arange(8, dtype=jnp.int32)}
   rng = jax.random.PRNGKey(5)
   frozen = {'autoencoder': exp.latent.params}
-  got, _ = exp.objective.loss_at(jnp.int32(0), frozen, (params,))(params, batch, rng)
+  got, _ = jax.jit(lambda p, f, b, r: exp.objective.loss_at(jnp.int32(0), f, (p,))(p, b, r))(params, frozen, batch,
+                                                                                                rng)
   model = autoencoder.get_autoencoder('small', **FIELDS)
   up = jax.image.resize(images, (8, 16, 16, 1), 'bilinear')
-  z = 0.5 * model.apply({'params': exp.latent.params}, up, method='encode').mean
-  want, _ = exp.loss_fn(params, {**batch, 'x': z}, jax.random.split(rng)[1])
+  z = 0.5 * jax.jit(lambda p, x: model.apply({'params': p}, x, method='encode').mean)(exp.latent.params, up)
+  want, _ = jax.jit(exp.loss_fn)(params, {**batch, 'x': z}, jax.random.split(rng)[1])
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
 
 
@@ -117,8 +118,8 @@ def test_cached_latents_are_the_encoder_means_and_refuse_another_autoencoder(run
   assert exp.batch_shape == (4, 4, 4) and len(exp.source) == len(load_digits('train')[0])
   images = jnp.asarray(load_digits('train')[0][:4], jnp.float32) / 127.5 - 1
   model = autoencoder.get_autoencoder('small', **FIELDS)
-  want = 0.5 * model.apply({'params': exp.latent.params}, jax.image.resize(images, (4, 16, 16, 1), 'bilinear'),
-                           method='encode').mean
+  want = 0.5 * jax.jit(lambda p, x: model.apply({'params': p}, x, method='encode').mean)(
+      exp.latent.params, jax.image.resize(images, (4, 16, 16, 1), 'bilinear'))
   got = np.stack([exp.source[i]['latent'] for i in range(4)])
   np.testing.assert_allclose(got, want, atol=1e-5)
   manifest = json.loads((tmp_path / 'cache' / 'manifest.json').read_text())
@@ -213,11 +214,12 @@ def test_a_resumed_cache_of_posterior_samples_is_bit_identical(tiny_ae, tmp_path
   for name in ('shard-00000-of-00003.npy', 'shard-00001-of-00003.npy', 'shard-00002-of-00003.npy'):
     assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
   images = jnp.asarray(load_digits('train')[0], jnp.float32) / 127.5 - 1
+  encode = jax.jit(space.encode)
   for i in (0, 499, 500, len(source) - 1):
-    want = space.encode(space.params, images[i:i + 1], jax.random.fold_in(jax.random.PRNGKey(7), i))[0]
+    want = encode(space.params, images[i:i + 1], jax.random.fold_in(jax.random.PRNGKey(7), i))[0]
     np.testing.assert_allclose(resumed[i]['latent'], want, atol=1e-5)
     assert resumed[i]['label'] == whole[i]['label'] == source[i]['label']
-  mean = space.encode(space.params, images[:1])[0]
+  mean = encode(space.params, images[:1])[0]
   assert np.max(np.abs(resumed[0]['latent'] - mean)) > 1e-3  # a sample, not the mean
 
 
