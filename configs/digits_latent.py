@@ -1,10 +1,10 @@
 """The embedded latent demo: the digits default's diffusion model on the digits autoencoder's latents (LDM).
 
-Commands (the autoencoder first; it writes workdirs/autoencoder_digits/{params.npz, autoencoder.json}):
-  python experiments/autoencoder_digits.py --save workdirs/autoencoder_digits
+Commands (the autoencoder first: the trainer writes it to WORKDIR/autoencoder/{params.npz, autoencoder.json}):
+  python -m diffax.main --config configs/autoencoder_digits.py --workdir workdirs/digits_autoencoder
   python -m diffax.main --config configs/digits_latent.py --workdir workdirs/digits_latent
-  --config.data.latents.autoencoder=DIR points at another saved autoencoder (or a diffusers .safetensors with
-  --config.data.latents.preset).
+  --config.data.latents.autoencoder=DIR points at another saved autoencoder (another run's WORKDIR/autoencoder,
+  experiments/autoencoder_digits.py --save DIR, or a diffusers .safetensors with --config.data.latents.preset).
 
 The digits (8x8) are resized to the autoencoder's 16x16 and encoded by its posterior mean into 4x4x4 latents
 scaled to unit variance (the saved scaling factor, 1 / std of the training latents: LDM sec. 4.3.2); the split is
@@ -43,6 +43,6 @@ def get_config(arg: str | None = None):
   if arg not in (None, '', 'runlocal'):
     raise ValueError(f'Unknown digits_latent variant {arg!r}; use "" or "runlocal".')
   c = _digits_config(arg)  # the pixel default's model, schedule, recipe and metric (runlocal: shrunk alike)
-  c.data.latents.autoencoder = 'workdirs/autoencoder_digits'
+  c.data.latents.autoencoder = 'workdirs/digits_autoencoder/autoencoder'  # configs/autoencoder_digits.py's export
   c.data.latents.mode = 'cached'
   return c

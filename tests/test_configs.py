@@ -75,7 +75,8 @@ def test_runlocal_trains_on_mock_tfds_data(name, arg, tmp_path):
   assert (tmp_path / 'checkpoints' / '4').is_dir()
 
 
-@pytest.mark.parametrize('name, arg', [('autoencoder_digits', None), ('autoencoder_digits', 'runlocal'),
+@pytest.mark.parametrize('name, arg', [('autoencoder_digits', None), ('autoencoder_digits', 'gan'),
+                                       ('autoencoder_digits', 'runlocal'),
                                        ('autoencoder_kl_f8', None), ('autoencoder_kl_f8', 'runlocal')])
 def test_autoencoder_configs_validate(name, arg):
   config = load(name, arg)

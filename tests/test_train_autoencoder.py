@@ -65,6 +65,19 @@ def test_the_discriminator_joins_the_loss_at_disc_start(run):
     assert s['train/d_loss'][step] > 0.1  # the discriminator's hinge loss is computed (and logged) throughout
 
 
+def test_the_discriminator_trains_from_disc_start_only(run, tmp_path):
+  """Zero GAN factor = zero discriminator gradients: Adam leaves its parameters at their initialisation through
+  update 1, and update 2 (step 3) moves them."""
+  r = autoencoder.AutoencoderRun(_config(), run)
+  init = autoencoder.AutoencoderRun(_config(), tmp_path).restore_or_init()  # no checkpoint there: step 0
+  at = {step: r.restore_or_init(step=step).params['discriminator'] for step in (2, 4)}
+  leaves = [[np.asarray(x) for x in jax.tree.leaves(t)] for t in (init.params['discriminator'], at[2], at[4])]
+  for x, y in zip(leaves[0], leaves[1]):
+    np.testing.assert_array_equal(x, y)
+  moved = [not np.array_equal(x, z) for x, z in zip(leaves[0], leaves[2])]
+  assert sum(moved) >= len(moved) - 1  # all but the output bias (the hinge's two terms cancel on it inside the margin)
+
+
 @pytest.mark.parametrize('accum', [1, 2])
 def test_the_objective_is_the_library_loss_on_resized_digits_at_the_update_count(accum, tmp_path):
   """Train step s is optimizer update s // grad_accum_steps: the GAN terms enter at update disc_start = 2."""
