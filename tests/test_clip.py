@@ -89,11 +89,12 @@ def test_text_encoder_is_causal_and_checks_its_input(ref):
   ids = ref['input_ids'][:1]
   edited = ids.copy()
   edited[0, 3] = 400
-  a, b = (model.apply({'params': params}, x).context for x in (ids, edited))
+  context = jax.jit(lambda x: model.apply({'params': params}, x).context)  # jitted: one program, not op by op
+  a, b = context(ids), context(edited)
   np.testing.assert_array_equal(a[:, :3], b[:, :3])  # a token changes no earlier position
   assert np.abs(np.asarray(a[:, 3:] - b[:, 3:])).min() > 0
   with pytest.raises(ValueError, match=r'L <= 77; got \(1, 78\)'):
-    model.apply({'params': params}, jnp.zeros((1, 78), jnp.int32))
+    jax.eval_shape(lambda x: model.apply({'params': params}, x), jnp.zeros((1, 78), jnp.int32))  # while tracing
 
 
 @pytest.fixture(scope='module')
@@ -103,10 +104,12 @@ def clip():
 
 def test_clip_towers_reproduce_transformers(ref, clip):
   model, params = clip
-  text_embeds, image_embeds = model.apply({'params': params}, ref['input_ids'], np.tile(ref['pixels'], (2, 1, 1, 1)))
+  text_embeds, image_embeds = jax.jit(model.apply)({'params': params}, ref['input_ids'],
+                                                   np.tile(ref['pixels'], (2, 1, 1, 1)))
   _close(text_embeds, ref['text_embeds'])
   _close(image_embeds[:2], ref['image_embeds'])
-  _close(model.apply({'params': params}, ref['pixels'], method='encode_image'), ref['image_embeds'])
+  _close(jax.jit(lambda p, x: model.apply({'params': p}, x, method='encode_image'))(params, ref['pixels']),
+         ref['image_embeds'])
 
 
 def test_clip_score_is_100_times_the_cosine_of_transformers_logits(ref, clip):

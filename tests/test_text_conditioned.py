@@ -42,13 +42,13 @@ def test_tokens_condition_the_backbone_and_train_the_encoder(backbone_cls, prese
   assert out.shape == x.shape and np.all(np.isfinite(out))
   assert np.abs(apply(params, IDS[::-1]) - out).max() > 1e-4  # swapping the captions changes the outputs
   # The backbone sees exactly the encoder's final hidden state as its context.
-  context = m.text_encoder.apply({'params': params['text_encoder']}, IDS).context
-  direct = m.backbone.apply({'params': params['backbone']}, x, t, context)
+  direct = jax.jit(lambda p: m.backbone.apply({'params': p['backbone']}, x, t, m.text_encoder.apply(
+      {'params': p['text_encoder']}, IDS).context))(params)  # jitted: one program, not one per primitive
   np.testing.assert_allclose(out, direct, rtol=1e-6, atol=1e-6)
   grads = jax.jit(jax.grad(lambda p: jnp.mean(m.apply({'params': p}, x, t, IDS) ** 2)))(params)
   assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads['text_encoder']['encoder']))  # trained jointly
   with pytest.raises(ValueError, match=r'token ids \[B, L\]'):
-    m.apply({'params': params}, x, t, IDS[0])
+    jax.eval_shape(lambda p: m.apply({'params': p}, x, t, IDS[0]), params)  # raised while tracing
 
 
 def test_caption_dropout_swaps_whole_captions_for_the_empty_one():
