@@ -153,6 +153,8 @@ def test_exported_autoencoder_is_read_by_latent_diffusion(run):
   assert z.shape == (64, 4, 4, 4)
   assert float(jnp.std(z)) == pytest.approx(1.0, abs=1e-4)
   assert space.decode(space.params, z).shape == (64, 8, 8, 1)
+  c.data.latents.autoencoder = str(run)  # the run's workdir names its export too
+  assert latents.from_config(c, (8, 8, 1)).sha256 == record['sha256']
 
 
 def test_resumed_run_ends_where_the_uninterrupted_one_does(run, tmp_path):

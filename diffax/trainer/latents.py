@@ -1,7 +1,8 @@
 """Latent diffusion in the trainer (Rombach et al. 2022): the diffusion model trains on an autoencoder's latents.
 
 ``data.latents.autoencoder`` names a frozen KL autoencoder (:class:`diffax.models.autoencoder.AutoencoderKL`):
-either a directory written by :func:`save_autoencoder` (``autoencoder.json`` + ``params.npz``, e.g. by
+either a directory written by :func:`save_autoencoder` (``autoencoder.json`` + ``params.npz``: an autoencoder run's
+``WORKDIR/autoencoder``, :mod:`diffax.trainer.autoencoder_train`, or that workdir itself; or by
 ``experiments/autoencoder_digits.py --save``) or a diffusers ``AutoencoderKL`` ``.safetensors`` converted at load
 (``data.latents.preset`` gives its architecture, e.g. ``'sd'``). The model sees
 
@@ -177,6 +178,8 @@ def from_config(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) 
   if not lat.autoencoder:
     return None
   path = epath.Path(lat.autoencoder)
+  if not (path / META).exists() and (path / 'autoencoder' / META).exists():
+    path = path / 'autoencoder'  # an autoencoder run's workdir (diffax.trainer.autoencoder_train): its export
   key = 'data.latents.autoencoder'
   if len(data_shape) != 3:
     raise ConfigError(key, f'latent diffusion takes images [H, W, C]; {config.data.name} has examples of shape '
@@ -198,7 +201,9 @@ def from_config(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) 
     input_shape, sha256 = tuple(data_shape), file_sha256(path)
   else:
     what = 'does not exist' if not path.exists() else f'is not a saved autoencoder directory (no {META})'
-    raise ConfigError(key, f'{path} {what}: write one with python experiments/autoencoder_digits.py --save DIR, or '
+    raise ConfigError(key, f'{path} {what}: train one (python -m diffax.main --config configs/autoencoder_digits.py '
+                      '--workdir DIR, then DIR or DIR/autoencoder), write one with python experiments/'
+                      'autoencoder_digits.py --save DIR, or '
                       'give a diffusers AutoencoderKL .safetensors with data.latents.preset (published VAEs: '
                       'diffax.models.convert.autoencoder_kl.how_to_get).')
   if input_shape[-1] != data_shape[-1]:
