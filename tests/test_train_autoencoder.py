@@ -106,7 +106,8 @@ def test_the_perceptual_term_is_lpips_on_the_frozen_verified_weights(tmp_path):
   path = tmp_path / 'lpips.npz'
   digest = lpips_weights.save_lpips_npz(path, arrays, vgg_sha256=lpips_weights.VGG_SHA256,
                                         lin_sha256=lpips_weights.LIN_SHA256)
-  no_disc = {f'autoencoder.{k}': v for k, v in autoencoder.defaults().items() if k.startswith('disc_')}  # forward LPIPS only (the adaptive weight differentiates through it)
+  # No discriminator: LPIPS forward only (the adaptive weight would differentiate through it).
+  no_disc = {f'autoencoder.{k}': v for k, v in autoencoder.defaults().items() if k.startswith('disc_')}
   c = _config(**no_disc, **{'autoencoder.perceptual_weight': 0.7, 'autoencoder.lpips_weights': str(path),
                             'autoencoder.lpips_sha256': digest})
   r = autoencoder.AutoencoderRun(c, tmp_path / 'run')
@@ -174,6 +175,10 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(run, tmp_path):
 def test_psnr_of_the_evaluation_is_the_library_psnr(run):
   """--mode eval recomputes the training-end metrics from the checkpoint (same EMA weights, same images)."""
   trainer_runs.run_main(run, mode='eval', config=f'{CONFIG}:runlocal')
+  grid = run / 'samples' / 'step_00000004.png'
+  grid.unlink()
+  trainer_runs.run_main(run, mode='sample', config=f'{CONFIG}:runlocal')  # --mode sample writes the grid again
+  assert grid.exists()
   first = json.loads(next((run / 'eval').glob('step_00000004_*.json')).read_text())
   r = autoencoder.AutoencoderRun(_config(), run)
   params = r.sample_params(r.restore_or_init(step=4))

@@ -57,7 +57,8 @@ def make_autoencoder_loss(model: AutoencoderKL, discriminator: PatchDiscriminato
     model: the autoencoder (trained on a posterior sample).
     discriminator: a :class:`PatchDiscriminator`, or None for reconstruction + KL only.
     reconstruction: ``'l1'`` or ``'l2'``, the per-pixel loss, averaged over pixels.
-    kl_weight: weight of the KL term per image (LDM's KL-f8: 1e-6).
+    kl_weight: weight of the per-image KL against the pixel-mean reconstruction term (LDM's KL-f8 weighs 1e-6
+      against the per-image pixel sum, i.e. ``1e-6 / (H W C)`` here).
     disc_weight, disc_start: lambda's factor and the first step with the GAN terms (LDM: 0.5, 50,001).
     perceptual_fn: ``(x, x_hat) -> [B]``, differentiable in ``x_hat`` (e.g.
       ``functools.partial(diffax.evaluation.lpips.distance, weights)``, with ``weights`` an argument of the jitted

@@ -141,7 +141,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   state = run.restore_or_init(iterator)
   start = int(state.step)
   if start == 0:
-    writer.write_hparams({k: str(v) for k, v in train._flatten(config.to_dict()).items()})  # pylint: disable=protected-access
+    flat = train._flatten(config.to_dict())  # pylint: disable=protected-access
+    writer.write_hparams({k: str(v) for k, v in flat.items()})
     if lead:
       train._write_run_record(run)  # pylint: disable=protected-access
   t0 = time.perf_counter()
