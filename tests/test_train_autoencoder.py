@@ -219,3 +219,13 @@ def test_discriminator_keys_without_a_discriminator_and_autoencoder_keys_on_a_di
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(c)
   assert error.value.key == 'autoencoder.kl_weight'
+
+
+def test_two_devices_train_and_evaluate_as_one(run, tmp_path):
+  """The same global batches sharded over 2 CPU devices: the held-out metrics of the 1-device run."""
+  trainer_runs.run_main(tmp_path, config=f'{CONFIG}:runlocal', devices=2)
+  two, one = (json.loads(next((w / 'eval').glob('step_00000004_*.json')).read_text())['metrics']
+              for w in (tmp_path, run))
+  assert two == pytest.approx(one, rel=1e-4)
+  assert json.loads((tmp_path / 'autoencoder' / latents.META).read_text())['scaling_factor'] == pytest.approx(
+      json.loads((run / 'autoencoder' / latents.META).read_text())['scaling_factor'], rel=1e-4)
