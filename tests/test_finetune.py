@@ -82,12 +82,13 @@ def test_lora_finetune_freezes_the_base_and_round_trips_its_adapters(base_workdi
 
   path = tmp_path / 'inverted.npz'
   finetune.save_adapters(str(path), state.params['lora'], lora_config)
-  merged = finetune.merge_adapters(state.params['base'], [(str(path), 1.0)])
+  merged = jax.jit(lambda p: finetune.merge_adapters(p, [(str(path), 1.0)]))(state.params['base'])  # one program
   x, t, c = (jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 1)), jnp.float32),
              jnp.asarray([0.2, 0.7]), jnp.asarray([3, 10]))
-  adapted = tuning.apply_fn(components.apply_fn_of(model))(state.params, x, t, c, train=False, rngs={})
-  np.testing.assert_allclose(model.apply({'params': merged}, x, t, c), adapted, atol=1e-5)
-  unmerged = finetune.merge_adapters(merged, [(str(path), -1.0)])
+  adapted = jax.jit(lambda p: tuning.apply_fn(components.apply_fn_of(model))(p, x, t, c, train=False, rngs={}))(
+      state.params)
+  np.testing.assert_allclose(jax.jit(lambda p: model.apply({'params': p}, x, t, c))(merged), adapted, atol=1e-5)
+  unmerged = jax.jit(lambda p: finetune.merge_adapters(p, [(str(path), -1.0)]))(merged)
   for u, b in zip(jax.tree.leaves(unmerged), jax.tree.leaves(base)):
     np.testing.assert_allclose(u, b, atol=1e-6)
   assert path.stat().st_size < 0.2 * sum(np.asarray(b).nbytes for b in jax.tree.leaves(base))  # small on its own
