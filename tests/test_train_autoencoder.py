@@ -229,3 +229,23 @@ def test_two_devices_train_and_evaluate_as_one(run, tmp_path):
   assert two == pytest.approx(one, rel=1e-4)
   assert json.loads((tmp_path / 'autoencoder' / latents.META).read_text())['scaling_factor'] == pytest.approx(
       json.loads((run / 'autoencoder' / latents.META).read_text())['scaling_factor'], rel=1e-4)
+
+
+def test_reconstruction_evaluator_streams_the_one_shot_metrics():
+  """Two padded batches give the mean PSNR / SSIM of the library over the real rows and the Fréchet distance of
+  the features' sample moments (numpy), whatever the padding holds."""
+  from diffax.evaluation import evaluators, stats  # pylint: disable=g-import-not-at-top
+  rs = np.random.default_rng(0)
+  x = rs.uniform(-1, 1, (10, 12, 12, 1)).astype(np.float32)
+  y = np.clip(x + rs.normal(0, 0.2, x.shape), -1, 1).astype(np.float32)
+  features = jax.jit(lambda a: jnp.reshape(a[:, ::4, ::4], (a.shape[0], -1)))  # [B, 9]
+  ev = evaluators.ReconstructionEvaluator(features, dim=9, name='rfd')
+  pad = lambda a: np.concatenate([a, np.full((2, *a.shape[1:]), 7.0, np.float32)])
+  ev.update(x[:6], y[:6])
+  ev.update(pad(x[6:]), pad(y[6:]), count=4)
+  got = ev.result()
+  assert got['psnr'] == pytest.approx(float(np.mean(reconstruction.psnr(x, y))), rel=1e-6)
+  assert got['ssim'] == pytest.approx(float(np.mean(reconstruction.ssim(x, y))), rel=1e-6)
+  fx, fy = (np.asarray(features(a), np.float64) for a in (x, y))
+  want = stats.frechet_distance(fy.mean(0), np.cov(fy, rowvar=False), fx.mean(0), np.cov(fx, rowvar=False))
+  assert got['rfd'] == pytest.approx(want, rel=1e-6) and want > 0.01

@@ -146,7 +146,8 @@ class ReconstructionEvaluator:
   of the reconstructions and those of their originals (LDM table 8's rFID with the FID Inception network).
 
   Args:
-    features: ``images [B, H, W, C] in [-1, 1] -> [B, dim]`` (jittable), or None for PSNR / SSIM only.
+    features: ``images [B, H, W, C] in [-1, 1] -> [B, dim]``, called as given (jit it; a network's weights
+      should be an argument of its jitted function, not constants closed over), or None for PSNR / SSIM only.
     dim: the features' size.
     name: the distance's metric name (``'rfid'`` for Inception features).
     protocol: what :meth:`protocol` reports besides the metric (the feature network and its hashes).
@@ -155,7 +156,7 @@ class ReconstructionEvaluator:
   def __init__(self, features=None, *, dim: int = 0, name: str = 'rfid', protocol: dict[str, Any] | None = None):
     self.name, self._protocol = name, dict(protocol or {})
     self._scores = jax.jit(lambda x, y: (reconstruction.psnr(x, y), reconstruction.ssim(x, y)))
-    self._features = None if features is None else jax.jit(features)
+    self._features = features
     self.dim = dim
     self.reset()
 

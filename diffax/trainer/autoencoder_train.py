@@ -44,13 +44,14 @@ def make_evaluator(run: AutoencoderRun) -> evaluators.ReconstructionEvaluator:
     if shape != (8, 8, 1):
       raise ConfigError('eval.metric', f"'digits' features are of 8x8 digits; {c.data.name} has {shape} images.")
     classifier = digits.DigitsClassifier.load_or_train()
-    return evaluators.ReconstructionEvaluator(lambda x: classifier.features(to_data(x)), dim=digits.FEATURE_DIM,
+    features = jax.jit(lambda x: classifier.features(to_data(x)))  # a 50 k-parameter MLP: its constants are small
+    return evaluators.ReconstructionEvaluator(features, dim=digits.FEATURE_DIM,
                                               name='digits_rfd', protocol={'features': 'digits classifier',
                                                                            'classifier_recipe': digits.recipe_hash()})
   if c.eval.metric == 'inception':
     weights = inception_weights.load_inception_variables(c.eval.inception_weights or None)
-    pool = inception.make_feature_fn(weights.variables)
-    return evaluators.ReconstructionEvaluator(lambda x: pool(to_data(x))['pool'], dim=inception.FEATURE_DIM,
+    pool, resize = inception.make_feature_fn(weights.variables), jax.jit(to_data)  # weights: pool's argument
+    return evaluators.ReconstructionEvaluator(lambda x: pool(resize(x))['pool'], dim=inception.FEATURE_DIM,
                                               name='rfid', protocol={
                                                   'features': 'FID Inception pool3',
                                                   'weights_content_sha256': weights.content_sha256,
