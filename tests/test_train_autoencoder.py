@@ -249,3 +249,26 @@ def test_reconstruction_evaluator_streams_the_one_shot_metrics():
   fx, fy = (np.asarray(features(a), np.float64) for a in (x, y))
   want = stats.frechet_distance(fy.mean(0), np.cov(fy, rowvar=False), fx.mean(0), np.cov(fx, rowvar=False))
   assert got['rfd'] == pytest.approx(want, rel=1e-6) and want > 0.01
+
+
+def test_rfid_in_fid_inception_features_on_rgb_images(tmp_path):
+  """eval.metric='inception': the rFID of an (untrained) autoencoder on mock CIFAR-10 through the FID Inception
+  network (seeded weights converted as the real ones are), with the weights' digest in the protocol."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from diffax.evaluation import convert_inception, inception_weights  # pylint: disable=g-import-not-at-top
+  from diffax.trainer import autoencoder_train  # pylint: disable=g-import-not-at-top
+  import test_inception  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'fid_inception.npz'
+  arrays = convert_inception.state_dict_to_arrays(test_inception._torch_state_dict())  # pylint: disable=protected-access
+  inception_weights.save_inception_npz(path, arrays, source_sha256=inception_weights.PTH_SHA256)
+  c = _config(**{'data.name': 'cifar10', 'autoencoder.resolution': 0, 'eval.metric': 'inception',
+                 'eval.inception_weights': str(path), 'eval.num_samples': 8})
+  with jax.numpy_dtype_promotion('standard'), tfds.testing.mock_data(num_examples=8):
+    r = autoencoder.AutoencoderRun(c, tmp_path / 'run')
+    params = r.sample_params(r.restore_or_init())
+    metrics, protocol = autoencoder_train.evaluate_params(r, params, autoencoder_train.make_evaluator(r),
+                                                         num_examples=8)
+  assert r.input_shape == (32, 32, 3) and protocol['num_images'] == 8
+  assert set(metrics) == {'psnr', 'ssim', 'rfid'} and all(math.isfinite(v) for v in metrics.values())
+  assert metrics['rfid'] > 0
+  assert protocol['weights_content_sha256'] == inception_weights.load_inception_variables(path).content_sha256
