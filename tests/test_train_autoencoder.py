@@ -259,7 +259,8 @@ def test_rfid_in_fid_inception_features_on_rgb_images(tmp_path):
   from diffax.trainer import autoencoder_train  # pylint: disable=g-import-not-at-top
   import test_inception  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'fid_inception.npz'
-  arrays = convert_inception.state_dict_to_arrays(test_inception._torch_state_dict())  # pylint: disable=protected-access
+  state_dict = test_inception._torch_state_dict()  # pylint: disable=protected-access
+  arrays = convert_inception.state_dict_to_arrays(state_dict)
   inception_weights.save_inception_npz(path, arrays, source_sha256=inception_weights.PTH_SHA256)
   c = _config(**{'data.name': 'cifar10', 'autoencoder.resolution': 0, 'eval.metric': 'inception',
                  'eval.inception_weights': str(path), 'eval.num_samples': 8})
