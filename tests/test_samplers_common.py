@@ -37,13 +37,16 @@ def test_every_sampler_has_the_common_keyword_only_signature(name):
 
 
 def _deterministic_runs(schedule):
-  """Probability-flow ODE solvers from one x_T, each with a fine grid; they solve the same ODE."""
+  """Probability-flow ODE solvers from one x_T at ``t_max`` (the log-SNR and Karras grids would start later by
+  default, ``base.default_start``), each with a fine grid; they solve the same ODE."""
+  start = {'x_T': None, 't_start': schedule.t_max}
   return {
-      'ddim': lambda m, r, x: samplers.ddim_sample(Denoiser(m, schedule), r, x.shape, num_steps=500, x_T=x,
-                                                   spacing='log_snr'),
-      'edm_heun': lambda m, r, x: samplers.edm_heun_sample(Denoiser(m, schedule), r, x.shape, num_steps=100, x_T=x),
+      'ddim': lambda m, r, x: samplers.ddim_sample(Denoiser(m, schedule), r, x.shape, num_steps=500,
+                                                   spacing='log_snr', **start | {'x_T': x}),
+      'edm_heun': lambda m, r, x: samplers.edm_heun_sample(Denoiser(m, schedule), r, x.shape, num_steps=100,
+                                                           **start | {'x_T': x}),
       'dpm_solver': lambda m, r, x: samplers.dpm_solver_sample(Denoiser(m, schedule), r, x.shape, num_steps=100,
-                                                               denoise_to_zero=True, x_T=x),
+                                                               denoise_to_zero=True, **start | {'x_T': x}),
       'adaptive_ode': lambda m, r, x: samplers.adaptive_ode_sample(Denoiser(m, schedule), r, x.shape, x_T=x,
                                                                    rtol=1e-6, atol=1e-6),
   }

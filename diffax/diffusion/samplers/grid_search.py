@@ -8,7 +8,8 @@ log-SNR steps, the ODE's solution to well below the few-step error), the objecti
   E(ts) = 1/(B D) sum_b ||S(x_T^b; ts) - x_ref^b||^2,
 
 minimised with Adam through the sampler (every grid sampler is differentiable in its times). The grid runs
-from ``t_start`` (default ``t_max``) down to ``t_min`` in log-SNR ``lambda`` and stays strictly descending by
+from ``t_start`` (default ``base.default_start``, where the log-SNR grid starts) down to ``t_min`` in log-SNR
+``lambda`` and stays strictly descending by
 construction: with ``theta`` [N] and ``f = cumsum(softmax(theta))``, its interior times are
 ``t(lambda_start + f_i (lambda_min - lambda_start))`` for ``i < N - 1``; it ends at ``t_min`` when the sampler
 stops there (``denoise_to_zero=False``) or, after its ``N`` evaluation times, at the clean sentinel 0 (the last
@@ -70,7 +71,7 @@ def grid_error(denoiser: Denoiser, sampler: Sampler, spacing: base.Spacing, x_T:
 def grid_from_logits(denoiser: Denoiser, theta: Array, *, to_zero: bool, t_start: float | None = None) -> Array:
   """The grid [N + 1] of the logits ``theta`` [N] (module docstring); ``theta = 0`` is log-SNR-uniform."""
   schedule = denoiser.schedule
-  t_start = schedule.t_max if t_start is None else t_start
+  t_start = base.default_start(schedule) if t_start is None else t_start
   lam_start, lam_min = schedule.log_snr(jnp.float32(t_start)), schedule.log_snr(jnp.float32(schedule.t_min))
   frac = jnp.cumsum(jax.nn.softmax(theta))[:-1]
   inner = jnp.clip(schedule.t_from_log_snr(lam_start + frac * (lam_min - lam_start)), schedule.t_min, t_start)
@@ -92,7 +93,7 @@ def optimize_grid(denoiser: Denoiser, sampler: Sampler, rng: Array, shape: Seque
     num_steps: the sampler's steps, the grid's length less one.
     sampler_kwargs: the sampler's other keywords as it will be run (``order``, ``denoise_to_zero``, ...); the
       grid is optimised for exactly that sampler and ends where it ends (0 or ``t_min``).
-    t_start: start time (default ``schedule.t_max``).
+    t_start: start time (default ``base.default_start(schedule)``, where the log-SNR grid starts).
     reference_steps: DPM-Solver++(2M) log-SNR steps of the reference solve.
     iterations: Adam steps on the logits.
     learning_rate: Adam's step size on the logits.
