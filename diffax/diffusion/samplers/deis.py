@@ -105,11 +105,11 @@ def deis_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_ste
   """Samples [*shape] with tAB-DEIS in ``log rho`` (module docstring); ``num_steps`` model evaluations.
 
   Defaults by measurement (``experiments/results/sampler_accuracy_few_step.md``, exact mixtures, LinearSchedule,
-  sliced W2 at 5 / 10 / 20 NFE): DEIS-3 on the log-SNR grid, stopping at ``t_min``, without
-  ``lower_order_final``: ring 0.047 / 0.035 / 0.040, 64-D 0.037 / 0.018 / 0.017 (the floor). The final jump
-  (the previous default) costs at 5 (ring 0.087, 64-D 0.089) and ties from 10 on (0.034 / 0.019);
-  ``lower_order_final`` costs at 5 (0.071 on both) and ties from 10 on. From 10 NFE DEIS-3 is the best named-grid
-  solver on both mixtures (DPM-Solver++(2M)'s defaults: 0.048 and 0.018 at 10).
+  sliced W2 at 5 / 10 / 20 NFE): DEIS-3 on the log-SNR grid from :func:`base.default_start`, stopping at
+  ``t_min``, without ``lower_order_final``: ring 0.046 / 0.036 / 0.041, 64-D 0.034 / 0.018 / 0.017 (the floor).
+  The final jump costs at 5 (ring 0.069, 64-D 0.069) and ties from 10 on (0.036 / 0.019); ``lower_order_final``
+  costs at 5 (0.056 / 0.062) and ties from 10 on. DEIS-3 is the best named-grid solver from 6 to 30 NFE on the
+  ring and from 10 to 20 on the 64-D mixture (with the Karras grid at 10 and 15).
 
   Args:
     denoiser: the model under its schedule and parameterisation.
@@ -140,9 +140,9 @@ def ipndm_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_st
   """Samples [*shape] with iPNDM (module docstring); ``num_steps`` model evaluations.
 
   Defaults by measurement (``experiments/results/sampler_accuracy_few_step.md``, sliced W2 at 5 / 10 / 20 NFE):
-  the log-SNR grid without ``lower_order_final``: 64-D 0.028 / 0.021 / 0.018 (with it 0.057 / 0.024, on the
-  Karras grid 0.058 / 0.026), ring 0.070 / 0.045 / 0.043 (with it 0.049 / 0.048; sharpness 1.07 against 1.55
-  at 5).
+  the log-SNR grid from :func:`base.default_start` without ``lower_order_final``: 64-D 0.022 / 0.021 / 0.018
+  (with it 0.037 / 0.023), ring 0.046 / 0.046 / 0.044 (with it 0.049 / 0.048; sharpness 1.00 against 1.95 at
+  5).
 
   Args:
     denoiser: the model under its schedule and parameterisation.

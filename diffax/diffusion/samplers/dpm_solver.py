@@ -94,14 +94,15 @@ def dpm_solver_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, n
   """Samples [*shape] with DPM-Solver++ (module docstring gives the updates and the evaluation count).
 
   Defaults by measurement (``experiments/results/sampler_accuracy_few_step.md``, exact mixtures, LinearSchedule,
-  sliced W2 at 5 / 10 / 20 NFE): 2M on the log-SNR grid, stopping at ``t_min`` with ``lower_order_final``. All
-  ``num_steps`` steps then share the log-SNR range, where the jump spends one evaluation on the step from
-  ``t_min`` to 0 and leaves the others longer: ring 0.062 / 0.048 / 0.041 against 0.071 / 0.056 / 0.041 with the
-  jump, 64-D 0.051 / 0.018 / 0.018 against 0.062 / 0.020 / 0.018 (equal from 20 NFE on). ``lower_order_final``
-  wins at 10 on both (without it 0.051 / 0.020) and at 5 on the ring (0.097), loses at 5 on the 64-D mixture
-  (0.023); the Karras grid loses on the ring (0.123 / 0.066 / 0.048) and diffusers' time-uniform ``'linspace'``
-  everywhere (0.22 / 0.075 on the ring at 5 / 10). A grid optimised for the model (``spacing=`` a file of
-  :func:`grid_search.optimize_grid`) gets 0.039 / 0.038 (ring) and 0.018 / 0.018 (64-D) at 5 / 10.
+  sliced W2 at 5 / 10 / 20 NFE): 2M on the log-SNR grid from :func:`base.default_start`, stopping at ``t_min``
+  with ``lower_order_final``. All ``num_steps`` steps then share the log-SNR range, where the jump spends one
+  evaluation on the step from ``t_min`` to 0 and leaves the others longer: ring 0.065 / 0.047 / 0.042 against
+  0.067 / 0.053 / 0.042 with the jump, 64-D 0.043 / 0.019 / 0.018 against 0.044 / 0.020 / 0.018 (equal from 15
+  NFE on). ``lower_order_final`` wins on the ring (without it 0.104 / 0.048) and at 10 on the 64-D mixture
+  (0.020), loses at 5 there (0.021); diffusers' time-uniform ``'linspace'`` loses everywhere (0.22 / 0.075 on the
+  ring at 5 / 10). A grid optimised for the model (``spacing=`` a file of :func:`grid_search.optimize_grid`) is
+  the best measured at 5 NFE: 0.038 (ring) and 0.018 (64-D, the floor 0.017). On the cosine digits default
+  (``experiments/results/few_step_digits.md``) these defaults give digits_fd 9.8 at 5 NFE and 7.5 at 10.
 
   Args:
     denoiser: the model under its schedule and parameterisation.

@@ -116,14 +116,14 @@ def unipc_sample(denoiser: Denoiser, rng: Array, shape: Sequence[int], *, num_st
   """Samples [*shape] with UniPC (module docstring); ``num_steps + final_corrector`` model evaluations.
 
   Defaults chosen from ``experiments/results/sampler_accuracy_few_step.md`` (exact mixtures, LinearSchedule,
-  sliced W2 at 5 / 10 / 20 NFE): UniPC-2 with ``B(h) = e^h - 1`` on the log-SNR grid, ending at ``t_min``
-  without the jump to the x0-prediction, with ``lower_order_final``: ring 0.062 / 0.045 / 0.041, 64-D 0.044 /
-  0.020 / 0.018. The jump costs at 5-10 (ring 0.073 / 0.051, 64-D 0.054 / 0.023); without
-  ``lower_order_final`` the ring loses at 5 (0.110) and both lose at 10 (0.046 / 0.022), the 64-D mixture gains at
-  5 (0.022); the Karras grid loses at 5 (0.116 / 0.113) and diffusers' ``'linspace'`` everywhere (0.22 / 0.15
-  at 5). Order 3 overshoots below 15 evaluations (``sampler_accuracy.md``). A grid optimised for the model
-  (:func:`grid_search.optimize_grid`) is the best configuration measured at 5 NFE: 0.038 (ring) and 0.018 (64-D,
-  the floor is 0.017).
+  sliced W2 at 5 / 10 / 20 NFE): UniPC-2 with ``B(h) = e^h - 1`` on the log-SNR grid from
+  :func:`base.default_start`, ending at ``t_min`` without the jump to the x0-prediction, with
+  ``lower_order_final``: ring 0.068 / 0.045 / 0.042, 64-D 0.036 / 0.020 / 0.017. The jump costs at 5-10 (ring
+  0.074 / 0.048, 64-D 0.036 / 0.022); without ``lower_order_final`` the ring loses at 5 (0.118) and both lose at
+  10 (0.045 / 0.021), the 64-D mixture gains at 5 (0.022); diffusers' ``'linspace'`` loses everywhere (0.22 /
+  0.15 at 5). Order 3 overshoots below 15 evaluations (``sampler_accuracy.md``). A grid optimised for the model
+  (:func:`grid_search.optimize_grid`) is the best configuration measured at 5 NFE on the 64-D mixture (0.0175,
+  the floor 0.0173) and 0.039 on the ring.
 
   Args:
     denoiser: the model under its schedule and parameterisation.
