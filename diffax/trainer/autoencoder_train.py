@@ -134,7 +134,7 @@ def export(run: AutoencoderRun, params: Any) -> dict[str, Any]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
   """Trains the autoencoder (resuming if possible), evaluates and exports it; returns the final state."""
-  preempted = train._Preempted()  # pylint: disable=protected-access
+  preempted = train.Preempted()
   run = AutoencoderRun(config, workdir)
   c, lead = config.train, jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(run.workdir), just_logging=not lead)
@@ -142,17 +142,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   state = run.restore_or_init(iterator)
   start = int(state.step)
   if start == 0:
-    flat = train._flatten(config.to_dict())  # pylint: disable=protected-access
+    flat = train.flatten_config(config.to_dict())
     writer.write_hparams({k: str(v) for k, v in flat.items()})
     if lead:
-      train._write_run_record(run)  # pylint: disable=protected-access
+      train.write_run_record(run)
   t0 = time.perf_counter()
   compiled = train.compile_train_step(run)
   console.say(f'Compiled the train step in {time.perf_counter() - t0:.1f} s.', enabled=lead)
   report = periodic_actions.ReportProgress(num_train_steps=c.num_steps, writer=writer, every_steps=c.log_every)
   progress = console.Progress(c.num_steps, c.batch_size, every=c.log_every, enabled=lead)
-  log = train._MetricsLog(run, writer, progress,  # pylint: disable=protected-access
-                          flops_per_step=float((compiled.cost_analysis() or {}).get('flops', 0.0)))
+  log = train.MetricsLog(run, writer, progress,
+                         flops_per_step=float((compiled.cost_analysis() or {}).get('flops', 0.0)))
   evaluator, eval_path, previous = None, None, None
   for step in range(start + 1, c.num_steps + 1):
     t_host = time.perf_counter()
@@ -184,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   run.checkpointer.wait_until_finished()
   writer.flush()
   if lead:
-    train._summary(run, int(state.step), eval_path, time.perf_counter() - t0)  # pylint: disable=protected-access
+    train.print_summary(run, int(state.step), eval_path, time.perf_counter() - t0)
   return state
 
 

@@ -33,7 +33,7 @@ def _peak_flops(config: ml_collections.ConfigDict) -> float:
   return config.train.peak_flops_per_device or PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
 
 
-class _Preempted:
+class Preempted:
   """Records a SIGTERM (single-process pre-emption); multi-host runs use JAX's pre-emption sync service."""
 
   def __init__(self):
@@ -69,7 +69,7 @@ def compile_train_step(exp: Experiment) -> Any:
   return sharding.compile_on_all_processes(jitted, exp.abstract_state, exp.abstract_batch(), name='train_step')
 
 
-class _MetricsLog:
+class MetricsLog:
   """Step metrics as they are read back, one step late: :meth:`add` checks a step's finiteness and writes the
   averages of every ``train.log_every`` steps with the throughput since the last write."""
 
@@ -94,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   if autoencoder.is_autoencoder_run(config):  # its own samples (reconstructions), evaluation and export
     from diffax.trainer import autoencoder_train  # pylint: disable=g-import-not-at-top
     return autoencoder_train.train_and_evaluate(config, workdir)
-  preempted = _Preempted()
+  preempted = Preempted()
   exp = Experiment(config, workdir)
   c = config.train
   writer = metric_writers.create_default_writer(str(exp.workdir), just_logging=jax.process_index() > 0)
@@ -103,16 +103,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   start = int(state.step)
   lead = jax.process_index() == 0
   if start == 0:
-    writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+    writer.write_hparams({k: str(v) for k, v in flatten_config(config.to_dict()).items()})
     if lead:
-      _write_run_record(exp)
+      write_run_record(exp)
   t0 = time.perf_counter()
   compiled = compile_train_step(exp)
   generate = exp.generate_fn(config.sample.num_samples)
   console.say(f'Compiled the train step and the sampler in {time.perf_counter() - t0:.1f} s.', enabled=lead)
   report = periodic_actions.ReportProgress(num_train_steps=c.num_steps, writer=writer, every_steps=c.log_every)
   progress = console.Progress(c.num_steps, c.batch_size, every=c.log_every, enabled=lead)
-  log = _MetricsLog(exp, writer, progress, flops_per_step=float((compiled.cost_analysis() or {}).get('flops', 0.0)))
+  log = MetricsLog(exp, writer, progress, flops_per_step=float((compiled.cost_analysis() or {}).get('flops', 0.0)))
   evaluator, eval_path = None, None
 
   previous = None  # (step, metrics) of the step dispatched before this one
@@ -149,18 +149,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   exp.checkpointer.wait_until_finished()
   writer.flush()
   if lead:
-    _summary(exp, int(state.step), eval_path, time.perf_counter() - t0)
+    print_summary(exp, int(state.step), eval_path, time.perf_counter() - t0)
   return state
 
 
-def _write_run_record(exp: Experiment) -> None:
+def write_run_record(exp: Experiment) -> None:
   """``workdir/config.json``: the config and example shape this run trained with, read by runs that use it as a
   teacher or base (:func:`diffax.trainer.distill.check_teacher`)."""
   record = {'config': json.loads(exp.config.to_json_best_effort()), 'example_shape': list(exp.image_shape)}
   (exp.workdir / 'config.json').write_text(json.dumps(record, indent=2))
 
 
-def _summary(exp: Experiment, step: int, eval_path: str | None, seconds: float) -> None:
+def print_summary(exp: Experiment, step: int, eval_path: str | None, seconds: float) -> None:
   """Where the run's results are, printed at its end."""
   w = exp.workdir
   samples = sorted((w / 'samples').glob('step_*.png'))
@@ -219,11 +219,11 @@ def _write_train_metrics(writer, step: int, window: list[dict], exp: Experiment,
   writer.write_scalars(step, scalars)
 
 
-def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
+def flatten_config(d: dict, prefix: str = '') -> dict[str, Any]:
   flat = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      flat.update(_flatten(v, f'{prefix}{k}.'))
+      flat.update(flatten_config(v, f'{prefix}{k}.'))
     else:
       flat[f'{prefix}{k}'] = v
   return flat
