@@ -26,12 +26,7 @@ def _standard_promotion():
 
 @pytest.fixture(scope='module')
 def base_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('base')
-  # No warm-up: the first update moves the zero-initialised conv_out, the second the resblocks' conv_1, so every
-  # parameter of the 2-step base (and so the label embedding's path to the output) carries a gradient.
-  trainer_runs.run_main(workdir, 'train.num_steps=2', 'train.checkpoint_every=2', 'optim.warmup_steps=0',
-                        'sample.num_samples=8', 'eval.batch_size=8')
-  return workdir
+  return trainer_runs.shared_base(tmp_path_factory)  # trained once per session (see BASE_OVERRIDES)
 
 
 def _digest(directory: pathlib.Path) -> dict[str, str]:

@@ -34,10 +34,9 @@ def _leaves(tree) -> list[np.ndarray]:
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """A 2-step teacher from the digits test config, and a progressive and a consistency student of it."""
-  teacher = tmp_path_factory.mktemp('teacher')
-  trainer_runs.run_main(teacher, 'train.num_steps=2', 'train.checkpoint_every=2', 'sample.num_samples=8',
-                        'eval.batch_size=8')
+  """A 2-step teacher from the digits test config (the session's shared base), and a progressive and a consistency
+  student of it."""
+  teacher = trainer_runs.shared_base(tmp_path_factory)
   before = _digest(teacher)
   students = {}
   for variant in ('progressive', 'consistency'):

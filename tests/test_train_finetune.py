@@ -40,11 +40,11 @@ def _config(name: str, *overrides: str):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """The base (2 steps of configs/digits.py:runlocal), then LoRA, DreamBooth and ControlNet runs on it."""
+  """The base (2 steps of configs/digits.py:runlocal, the session's shared one, linked as ROOT/base), then LoRA,
+  DreamBooth and ControlNet runs on it."""
   root = tmp_path_factory.mktemp('finetune')
   base = root / 'base'
-  trainer_runs.run_main(base, 'train.num_steps=2', 'train.checkpoint_every=2', 'optim.warmup_steps=0',
-                        'sample.num_samples=8', 'eval.batch_size=8')
+  base.symlink_to(trainer_runs.shared_base(tmp_path_factory), target_is_directory=True)
   before = _digest(base)
   small = ('sample.num_samples=8', 'eval.batch_size=8', 'train.num_steps=2', 'train.checkpoint_every=2')
   runs = {name: subprocess.Popen(trainer_runs.main_command(root / name, f'finetune.base_workdir={base}', *small,

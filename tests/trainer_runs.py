@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +13,10 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS_TEST = f'{REPO}/configs/digits.py:runlocal'
+# No warm-up: the first update moves the zero-initialised conv_out, the second the resblocks' conv_1, so every
+# parameter of the 2-step base (and so the label embedding's path to the output) carries a gradient.
+BASE_OVERRIDES = ('train.num_steps=2', 'train.checkpoint_every=2', 'optim.warmup_steps=0', 'sample.num_samples=8',
+                  'eval.batch_size=8')
 
 
 def main_command(workdir, *overrides: str, mode: str = 'train', config: str = DIGITS_TEST) -> list[str]:
@@ -37,6 +43,22 @@ def run_main(workdir, *overrides: str, mode: str = 'train', devices: int = 1, ti
   if check and proc.returncode:
     raise AssertionError(f'main failed ({proc.returncode}):\n{failure_excerpt(proc.stderr)}')
   return proc
+
+
+def shared_base(tmp_path_factory) -> pathlib.Path:
+  """The workdir of one 2-step run of the digits test config (``BASE_OVERRIDES``) per test session, trained by
+  whichever test (on any pytest-xdist worker) asks first, under a file lock; the fine-tuning and distillation
+  tests start from it and check that it is only read."""
+  basetemp = tmp_path_factory.getbasetemp()
+  root = basetemp.parent if os.environ.get('PYTEST_XDIST_WORKER') else basetemp  # the session's, for all workers
+  workdir, done = root / 'digits_base', root / 'digits_base.done'
+  with open(root / 'digits_base.lock', 'w', encoding='utf-8') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # a run that failed part way
+      run_main(workdir, *BASE_OVERRIDES)
+      done.touch()
+  return workdir
 
 
 def failure_excerpt(log: str, limit: int = 8000) -> str:
