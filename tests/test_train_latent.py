@@ -266,3 +266,5 @@ def test_imagenet256_latent_runlocal_trains_on_mock_imagenet_records_of_varying_
   assert json.loads((tmp_path / 'run' / 'config.json').read_text())['example_shape'] == [4, 4, 4]
   with Image.open(tmp_path / 'run' / 'samples' / 'step_00000002.png') as grid:  # decoded RGB 16x16 samples
     assert grid.mode == 'RGB'
+    n = c.sample.num_samples  # < 1,000 classes: one row of n columns, not 1,000 mostly empty ones
+    assert grid.width * 18 == grid.height * (n * 17 + 1), (grid.size, n)

@@ -52,7 +52,7 @@ def _write_samples(exp: Experiment, generate, params, step: int, writer) -> np.n
   samples, _ = generate(params, rng, exp.grid_labels(exp.config.sample.num_samples))
   samples = np.asarray(multihost_utils.process_allgather(samples, tiled=True))
   media.write_samples(writer, step, samples, directory=exp.workdir / 'samples' if jax.process_index() == 0 else None,
-                      columns=max(exp.config.data.num_classes, 0) or None,
+                      columns=min(max(exp.config.data.num_classes, 0), len(samples)) or None,  # a column per class
                       sample_rate=getattr(exp.source, 'sample_rate', 0) or exp.config.data.sample_rate)
   return samples
 
