@@ -100,7 +100,7 @@ def test_adapters_load_onto_a_base_with_weights_at_sampling(runs, tmp_path):
                         config=f'{CONFIGS}/digits_lora.py:runlocal')
   cancelled = np.load(run_copy / 'samples' / 'samples_step_00000002.npz')['images']
   base_grid = np.asarray(Image.open(root / 'base' / 'samples' / 'step_00000002.png'))[::4, ::4, None]  # scale 4
-  np.testing.assert_allclose(images.grid(cancelled, columns=10).astype(np.float32), base_grid, atol=1.0)
+  np.testing.assert_allclose(images.grid(cancelled, columns=8).astype(np.float32), base_grid, atol=1.0)  # 8 samples
 
 
 def test_dreambooth_run_adds_the_instance_label_and_keeps_its_class_images(runs):

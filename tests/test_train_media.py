@@ -16,7 +16,7 @@ def test_moving_digits_trains_writes_a_gif_and_evaluates(tmp_path):
   with Image.open(tmp_path / 'samples' / 'step_00000004.gif') as gif:
     frames = [np.asarray(f.convert('L')) for f in ImageSequence.Iterator(gif)]
   assert len(frames) == 4  # data.num_frames of runlocal
-  assert frames[0].shape == (2 * (33 + 1), 2 * (10 * 33 + 1))  # 8 clips in one row of 10 columns, x2
+  assert frames[0].shape == (2 * (33 + 1), 2 * (8 * 33 + 1))  # 8 clips (of 10 classes) in one row, x2
   video = iio.imread(tmp_path / 'samples' / 'step_00000004.mp4', plugin='FFMPEG')
   assert video.shape == (4, *frames[0].shape, 3)  # the GIF's frames (even sizes) as RGB
   result = json.loads((tmp_path / 'eval' / 'step_00000004_dpm_solver-3_w1.json').read_text())
