@@ -16,17 +16,18 @@ CONTROL = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 8, 8, 1)), jnp.f
 
 
 def _perturbed(tree, seed):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  """``tree`` plus 0.1 N(0, 1) noise drawn in numpy (a jax draw per leaf shape would compile one program each)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: x + jnp.asarray(0.1 * rng.standard_normal(x.shape), jnp.float32), tree)
 
 
 def _setup(name):
   preset = {'unet': 'unet_tiny', 'dit': 'dit_tiny'}[name]
   base = models.get_model(name, preset=preset, num_classes=10, learn_sigma=False)
-  base_params = _perturbed(nn.meta.unbox(base.init(jax.random.PRNGKey(0), X, T, LABELS)['params']), 3)  # "trained"
+  base_params = nn.meta.unbox(jax.jit(base.init)(jax.random.PRNGKey(0), X, T, LABELS)['params'])
+  base_params = _perturbed(base_params, 3)  # "trained"
   net = cn.ControlNet(base, depth=1 if name == 'dit' else None)
-  control_params = nn.meta.unbox(net.init(jax.random.PRNGKey(1), X, T, LABELS, CONTROL)['params'])
+  control_params = nn.meta.unbox(jax.jit(net.init)(jax.random.PRNGKey(1), X, T, LABELS, CONTROL)['params'])
   return base, base_params, net, cn.init_from_base(control_params, base_params)
 
 
