@@ -75,7 +75,7 @@ def test_gradients_reach_every_parameter(small):
     reconstruction, posterior = model.apply({'params': params}, x, jax.random.key(2))
     return jnp.mean(jnp.abs(reconstruction - x)) + 1e-6 * jnp.mean(posterior.kl())
 
-  for path, g in jax.tree_util.tree_leaves_with_path(jax.grad(loss)(variables['params'])):
+  for path, g in jax.tree_util.tree_leaves_with_path(jax.jit(jax.grad(loss))(variables['params'])):
     assert np.all(np.isfinite(g)) and np.any(np.asarray(g) != 0), jax.tree_util.keystr(path)
 
 
