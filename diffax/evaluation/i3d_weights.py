@@ -148,12 +148,7 @@ def load_i3d_variables(path: str | os.PathLike | None = None, *, expected_sha256
     raise ValueError(f'{where} was converted from a .pt with Git blob id {source}, not the pinned '
                      f'{PT_FILENAME} ({PT_GIT_SHA1}).\n{HOW_TO_GET}')
   check_arrays(arrays)
-  actual = inception_weights.content_sha256(arrays)
-  if actual != recorded:
-    raise ValueError(f'{where} is corrupted: its arrays hash to {actual}, but the converter recorded {recorded}.')
-  if expected_sha256 is not None and actual != expected_sha256:
-    raise ValueError(f'{where} has content SHA-256 {actual}, but {expected_sha256} was pinned.')
-  variables = inception_weights.unflatten({k: np.asarray(v, np.float32) for k, v in arrays.items()
-                                          if not k.startswith('meta/')})
+  variables, actual = inception_weights.verified_tree(where, arrays, recorded=recorded,
+                                                      expected_sha256=expected_sha256)
   return I3DWeights(variables=variables, content_sha256=actual, source_git_sha1=source,
                     source_sha256=str(arrays[META_SOURCE_SHA256]), path=str(where))

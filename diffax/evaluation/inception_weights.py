@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffax.models.convert import safetensors_io
+
 PTH_FILENAME = 'pt_inception-2015-12-05-6726825d.pth'
 PTH_URL = f'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{PTH_FILENAME}'
 PTH_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
@@ -191,13 +193,7 @@ class InceptionWeights:
 
 def resolve_path(path: str | os.PathLike | None = None) -> Path:
   """``path``, else ``$DIFFAX_INCEPTION_WEIGHTS``; raises ``FileNotFoundError`` saying how to make the file."""
-  where = path if path is not None else os.environ.get(ENV_VAR)
-  if not where:
-    raise FileNotFoundError(f'No FID Inception weights given: pass a path or set ${ENV_VAR}.\n{HOW_TO_GET}')
-  where = Path(where).expanduser()
-  if not where.is_file():
-    raise FileNotFoundError(f'FID Inception weights not found at {where}.\n{HOW_TO_GET}')
-  return where
+  return safetensors_io.resolve_path(path, env_var=ENV_VAR, what='FID Inception', how_to_get=HOW_TO_GET)
 
 
 def load_inception_variables(path: str | os.PathLike | None = None, *,
@@ -223,10 +219,18 @@ def load_inception_variables(path: str | os.PathLike | None = None, *,
     raise ValueError(f'{where} was converted from a .pth with SHA-256 {source}, not the pinned FID Inception '
                      f'release {PTH_SHA256}.\n{HOW_TO_GET}')
   check_arrays(arrays)
+  variables, actual = verified_tree(where, arrays, recorded=recorded, expected_sha256=expected_sha256)
+  return InceptionWeights(variables=variables, content_sha256=actual, source_sha256=source, path=str(where))
+
+
+def verified_tree(where: Path, arrays: Mapping[str, np.ndarray], *, recorded: str,
+                  expected_sha256: str | None) -> tuple[dict, str]:
+  """``(nested float32 weights, content digest)`` of a converted ``.npz``'s ``arrays`` whose names and shapes
+  were checked: their :func:`content_sha256` must equal the converter's ``recorded`` digest (else the file is
+  corrupted) and, if given, the pinned ``expected_sha256``. Shared by the FID Inception, I3D and LPIPS loaders."""
   actual = content_sha256(arrays)
   if actual != recorded:
     raise ValueError(f'{where} is corrupted: its arrays hash to {actual}, but the converter recorded {recorded}.')
   if expected_sha256 is not None and actual != expected_sha256:
     raise ValueError(f'{where} has content SHA-256 {actual}, but {expected_sha256} was pinned.')
-  variables = unflatten({k: np.asarray(v, np.float32) for k, v in arrays.items() if not k.startswith('meta/')})
-  return InceptionWeights(variables=variables, content_sha256=actual, source_sha256=source, path=str(where))
+  return unflatten({k: np.asarray(v, np.float32) for k, v in arrays.items() if not k.startswith('meta/')}), actual

@@ -31,7 +31,8 @@ from flax import struct
 import numpy as np
 
 from diffax.evaluation.inception_weights import content_sha256
-from diffax.evaluation.inception_weights import unflatten
+from diffax.evaluation.inception_weights import verified_tree
+from diffax.models.convert import safetensors_io
 
 VGG_FILENAME = 'vgg16-397923af.pth'
 VGG_URL = f'https://download.pytorch.org/models/{VGG_FILENAME}'
@@ -126,13 +127,7 @@ class LpipsWeights:
 
 def resolve_path(path: str | os.PathLike | None = None) -> Path:
   """``path``, else ``$DIFFAX_LPIPS_WEIGHTS``; raises ``FileNotFoundError`` saying how to make the file."""
-  where = path if path is not None else os.environ.get(ENV_VAR)
-  if not where:
-    raise FileNotFoundError(f'No LPIPS weights given: pass a path or set ${ENV_VAR}.\n{HOW_TO_GET}')
-  where = Path(where).expanduser()
-  if not where.is_file():
-    raise FileNotFoundError(f'LPIPS weights not found at {where}.\n{HOW_TO_GET}')
-  return where
+  return safetensors_io.resolve_path(path, env_var=ENV_VAR, what='LPIPS', how_to_get=HOW_TO_GET)
 
 
 def load_weights(path: str | os.PathLike | None = None, *, expected_sha256: str | None = None) -> LpipsWeights:
@@ -158,11 +153,7 @@ def load_weights(path: str | os.PathLike | None = None, *, expected_sha256: str 
       raise ValueError(f'{where} was converted from a {filename} with SHA-256 {arrays[key]}, not the pinned '
                        f'{pinned}.\n{HOW_TO_GET}')
   check_arrays(arrays)
-  actual, recorded = content_sha256(arrays), str(arrays[META_CONTENT_SHA256])
-  if actual != recorded:
-    raise ValueError(f'{where} is corrupted: its arrays hash to {actual}, but the converter recorded {recorded}.')
-  if expected_sha256 is not None and actual != expected_sha256:
-    raise ValueError(f'{where} has content SHA-256 {actual}, but {expected_sha256} was pinned.')
-  tree = unflatten({k: np.asarray(v, np.float32) for k, v in arrays.items() if not k.startswith('meta/')})
+  tree, actual = verified_tree(where, arrays, recorded=str(arrays[META_CONTENT_SHA256]),
+                               expected_sha256=expected_sha256)
   return LpipsWeights(vgg=tree['vgg'], lin=tree['lin'], content_sha256=actual, vgg_sha256=VGG_SHA256,
                       lin_sha256=LIN_SHA256, path=str(where))
