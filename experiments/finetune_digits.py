@@ -47,12 +47,7 @@ def load_config(name: str, **overrides):
   """``configs/<name>.py`` as shipped, without its end-of-run evaluation (the samples are judged here)."""
   config = config_lib.load_file(REPO / 'configs' / f'{name}.py')
   config.train.eval_every = 0
-  for key, value in overrides.items():
-    *path, leaf = key.split('.')
-    section = config
-    for part in path:
-      section = section[part]
-    section[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

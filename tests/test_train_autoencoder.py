@@ -26,12 +26,7 @@ CONFIG = f'{trainer_runs.REPO}/configs/autoencoder_digits.py'
 
 def _config(**overrides):
   c = config_lib.load_file(CONFIG, 'runlocal')
-  for name, value in overrides.items():
-    *path, leaf = name.split('.')
-    section = c
-    for part in path:
-      section = section[part]
-    section[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -199,12 +194,7 @@ def test_psnr_of_the_evaluation_is_the_library_psnr(run):
     ('autoencoder.lpips_weights', 'lpips.npz'),  # without autoencoder.perceptual_weight
 ])
 def test_bad_autoencoder_keys_are_named(key, value):
-  c = _config()
-  *path, leaf = key.split('.')
-  section = c
-  for part in path:
-    section = section[part]
-  section[leaf] = value
+  c = _config(**{key: value})
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(c)
   assert error.value.key == key

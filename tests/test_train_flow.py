@@ -24,12 +24,7 @@ def digits_config(arg: str = 'flow,runlocal', **overrides):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config(arg)
-  for key, value in overrides.items():
-    *path, leaf = key.split('.')
-    section = c
-    for part in path:
-      section = section[part]
-    section[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

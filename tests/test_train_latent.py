@@ -36,12 +36,7 @@ def _config(ae_dir, **overrides):
   spec.loader.exec_module(module)
   c = module.get_config('runlocal')
   c.data.latents.autoencoder = str(ae_dir)
-  for name, value in overrides.items():
-    *path, leaf = name.split('.')
-    section = c
-    for part in path:
-      section = section[part]
-    section[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -150,13 +145,7 @@ def test_cached_latents_are_the_encoder_means_and_refuse_another_autoencoder(run
 ])
 def test_bad_latent_configs_name_the_key(run, tmp_path, overrides, key, match):
   ae_dir, _, _ = run
-  c = _config(ae_dir)
-  for name, value in overrides.items():
-    *path, leaf = name.split('.')
-    section = c
-    for part in path:
-      section = section[part]
-    section[leaf] = value
+  c = _config(ae_dir, **overrides)
   with pytest.raises(config_lib.ConfigError, match=match) as error:
     experiment.Experiment(c, tmp_path / 'w')
   assert error.value.key == key

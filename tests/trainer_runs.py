@@ -90,14 +90,12 @@ def load_test_config(*overrides: str, name: str = 'digits'):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config('runlocal')
+  values = {}
   for override in overrides:
     key, value = override.split('=', 1)
-    *path, leaf = key.split('.')
-    section = config
-    for part in path:
-      section = section[part]
     try:
-      section[leaf] = ast.literal_eval(value)
+      values[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-      section[leaf] = value
+      values[key] = value
+  config.update_from_flattened_dict(values)
   return config
